@@ -1,0 +1,617 @@
+"""The ``lowprec`` command line: the library's three jobs from the shell.
+
+    lowprec demo                      fp32 vs unit-fp8 + AdamW4bit side by side, then a bit plan
+    lowprec train RECIPE              train the demo Llama (or --config HF.json) under a recipe
+    lowprec sensitivity               score layers and choose bits per layer (a plan JSON)
+    lowprec inspect [RECIPE]          the numerics table: std, amax, saturation, underflow
+    lowprec bench [NAME ...]          run the benchmarks in benchmarks/
+    lowprec recipes                   list the shipped recipes (--show NAME prints one)
+
+Every command that does work writes metrics JSON and PNG plots into a run directory
+(``runs/<command>-<time>`` or ``--out DIR``) and prints its path at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from lowprec.runs import FeatureMissing, require
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # the shell's convention for a run ended by Ctrl-C (128 + SIGINT)
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as ``lowprec <command>: error: <message>``, exit status 2."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared pieces: model, data, recipe
+# ----------------------------------------------------------------------------------------------
+
+
+def load_model(config: str | None, seed: int = 0):
+    """The demo-size Llama, or a randomly initialised causal LM from a Hugging Face config JSON.
+
+    The JSON is a ``config.json`` as Hugging Face writes it (``model_type`` picks the
+    architecture; a file without one is read as a Llama config). Tokens are bytes, so the
+    vocabulary must have at least 256 entries.
+    """
+    import torch
+
+    from lowprec.models import demo_llama
+
+    if config is None:
+        return demo_llama(seed=seed)
+    path = Path(config)
+    if not path.is_file():
+        raise CLIError(f"model config file {str(path)!r} does not exist")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CLIError(f"model config file {str(path)!r} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise CLIError(f"model config file {str(path)!r} must hold a JSON object, got {type(data).__name__}")
+    tf = require("transformers", what="--config (a Hugging Face model config)")
+    data = dict(data)
+    model_type = data.pop("model_type", "llama")
+    try:
+        cfg = tf.AutoConfig.for_model(model_type, **data)
+    except (ValueError, TypeError) as e:
+        raise CLIError(f"model config file {str(path)!r}: {e}") from None
+    vocab = getattr(cfg, "vocab_size", None)
+    if vocab is None or vocab < 256:
+        raise CLIError(f"model config file {str(path)!r}: key 'vocab_size' must be at least 256 "
+                       f"(lowprec trains on byte tokens); got {vocab!r}")
+    torch.manual_seed(seed)
+    try:
+        return tf.AutoModelForCausalLM.from_config(cfg)
+    except ValueError as e:
+        raise CLIError(f"model config file {str(path)!r}: not a causal language model config ({e})") from None
+
+
+def load_corpus(data: str | None):
+    """The standard library's source text, or a user's text file (missing file: error naming it)."""
+    from lowprec.data import stdlib_corpus, text_file_corpus
+
+    if data is None:
+        return stdlib_corpus()
+    try:
+        return text_file_corpus(data)
+    except FileNotFoundError:
+        raise CLIError(f"data file {str(data)!r} does not exist") from None
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+
+
+def _max_positions(model) -> int | None:
+    cfg = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions"):
+        v = getattr(cfg, key, None)
+        if isinstance(v, int):
+            return v
+    return None
+
+
+def _check_seq_len(model, seq_len: int) -> None:
+    limit = _max_positions(model)
+    if limit is not None and seq_len > limit:
+        raise CLIError(f"--seq-len {seq_len} is longer than the model's max_position_embeddings {limit}")
+
+
+def _convert(model, recipe_arg, plan: str | None = None):
+    """``lowprec.convert`` with a report; the report's summary line is printed."""
+    from lowprec.recipes import convert, resolve
+
+    recipe = resolve(recipe_arg)
+    try:
+        model, report = convert(model, recipe, plan=plan, report=True)
+    except ModuleNotFoundError as e:
+        raise FeatureMissing(f"recipe {recipe.name!r} needs {e.name}, which this lowprec build does not provide") from None
+    except NotImplementedError as e:
+        raise FeatureMissing(f"recipe {recipe.name!r}: {e}") from None
+    print(str(report).splitlines()[0])
+    return model, recipe, report
+
+
+def _finish(run_dir: Path, files: Sequence[Path | None]) -> None:
+    written = [p.name for p in files if p is not None]
+    print(f"run directory: {run_dir}" + (f"  ({', '.join(written)})" if written else ""))
+
+
+# ----------------------------------------------------------------------------------------------
+# lowprec train
+# ----------------------------------------------------------------------------------------------
+
+
+def _world() -> tuple[int, int]:
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _launch_distributed(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """``--nproc N``: run this same command under torchrun (or lowprec.distributed's launcher)."""
+    rest = _strip_nproc(list(argv))
+    try:
+        dist = require("lowprec.distributed", what="lowprec train --nproc")
+    except FeatureMissing:
+        dist = None
+    launch = getattr(dist, "launch", None) if dist is not None else None
+    if launch is not None:
+        return int(launch(["-m", "lowprec", *rest], nproc=args.nproc) or 0)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+           "-m", "lowprec", *rest]
+    print("launching:", " ".join(cmd))
+    return subprocess.call(cmd)
+
+
+def _strip_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc":
+            skip = True
+            continue
+        if a.startswith("--nproc="):
+            continue
+        out.append(a)
+    return out
+
+
+def cmd_train(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
+    if args.nproc > 1 and _world()[1] == 1:
+        return _launch_distributed(args, argv)
+    import torch
+
+    from lowprec import runs
+    from lowprec.recipes import resolve
+    from lowprec.training import TrainConfig, train
+
+    rank, world = _world()
+    if world > 1:
+        require("lowprec.distributed", what=f"distributed training (WORLD_SIZE={world})")
+    recipe = resolve(args.recipe)  # a bad recipe fails before any data or model is loaded
+    corpus = load_corpus(args.data)
+    model = load_model(args.config, seed=args.seed)
+    _check_seq_len(model, args.seq_len)
+    model, recipe, report = _convert(model, recipe, plan=args.plan)
+    opt_name = args.optimizer or recipe.optimizer.name
+    optimizer = runs.build_optimizer(model, recipe, name=opt_name, lr=args.lr)
+    run_dir = runs.make_run_dir("train", args.out) if rank == 0 else None
+    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed,
+                         warmup_steps=min(recipe.optimizer.warmup_steps, max(1, args.steps // 5)),
+                         schedule=recipe.optimizer.schedule, eval_every=args.eval_every,
+                         eval_batches=args.eval_batches)
+    ckpt = _Checkpointer(run_dir, model, optimizer, every=args.checkpoint_every) if run_dir else None
+    print(f"training {type(model).__name__} ({sum(p.numel() for p in model.parameters()):,} parameters) "
+          f"under {recipe.name!r} with {opt_name} on {corpus}")
+    interrupted = False
+    try:
+        result = train(model, optimizer, corpus, config, progress=not args.no_progress, desc=f"train {recipe.name}",
+                       on_step=ckpt.on_step if ckpt else None)
+    except KeyboardInterrupt:
+        interrupted = True
+        result = None
+    if run_dir is None:
+        return EXIT_INTERRUPTED if interrupted else 0
+    if interrupted:
+        last = ckpt.last_step if ckpt else None
+        where = f"the last completed checkpoint (step {last}) is {ckpt.path}" if last else "no checkpoint was written"
+        print(f"\ninterrupted by Ctrl-C; {where}", file=sys.stderr)
+        _finish(run_dir, [ckpt.path if last else None])
+        return EXIT_INTERRUPTED
+    if ckpt is not None and (not ckpt.last_step or ckpt.last_step != len(result.train_loss)):
+        ckpt.save(len(result.train_loss))
+    state_bytes = runs.optimizer_state_bytes(optimizer)
+    metrics = {
+        "command": "train", "recipe": recipe.to_dict(), "recipe_source": recipe.source,
+        "optimizer": opt_name, "optimizer_state_bytes": state_bytes,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "config": vars(config), "data": corpus.source, "model_config": args.config,
+        "converted": report.converted, "left_alone": report.skipped,
+        **result.to_dict(), "torch": torch.__version__,
+    }
+    files = [runs.write_json(run_dir / "metrics.json", metrics),
+             runs.training_plot(run_dir / "loss.png", {recipe.name: result}, f"lowprec train {recipe.name}")]
+    if ckpt is not None:
+        files.append(ckpt.path)
+    status = f"diverged at step {result.diverged_at}" if result.diverged_at is not None else "done"
+    print(f"{status}: final validation loss {result.final_val_loss:.4f} nats/byte, "
+          f"median step {result.median_step_time_s * 1e3:.0f} ms, optimizer state {state_bytes / 2**20:.2f} MiB")
+    _finish(run_dir, files)
+    return 1 if result.diverged_at is not None else 0
+
+
+class _Checkpointer:
+    """Writes ``RUNDIR/checkpoint`` every ``every`` steps so that a Ctrl-C (or crash) mid-run
+    leaves the last completed one intact: lowprec.checkpoint when present (atomic by design),
+    otherwise a single ``torch.save`` to a temporary name followed by ``os.replace``."""
+
+    def __init__(self, run_dir: Path, model, optimizer, every: int) -> None:
+        self.model, self.optimizer, self.every = model, optimizer, every
+        self.last_step: int | None = None
+        try:
+            self._lib = require("lowprec.checkpoint", "save", what="checkpoints")
+        except FeatureMissing:
+            self._lib = None
+        self.path = run_dir / ("checkpoint" if self._lib is not None else "checkpoint.pt")
+
+    def on_step(self, step: int, loss: float) -> None:
+        if self.every > 0 and (step + 1) % self.every == 0 and math.isfinite(loss):
+            self.save(step + 1)
+
+    def save(self, steps_done: int) -> None:
+        import torch
+
+        if self._lib is not None:
+            self._lib(self.path, self.model, self.optimizer, step=steps_done)
+        else:
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            torch.save({"step": steps_done, "model": self.model.state_dict(),
+                        "optimizer": self.optimizer.state_dict()}, tmp)
+            os.replace(tmp, self.path)
+        self.last_step = steps_done
+
+
+# ----------------------------------------------------------------------------------------------
+# lowprec sensitivity
+# ----------------------------------------------------------------------------------------------
+
+
+def _parse_bits(text: str) -> tuple[int, ...]:
+    try:
+        bits = tuple(int(b) for b in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bits must be comma-separated integers such as 2,3,4,8; got {text!r}") from None
+    if not bits or any(b < 1 for b in bits):
+        raise argparse.ArgumentTypeError(f"bit widths must be positive; got {text!r}")
+    return bits
+
+
+def _load_weights(model, path: str | None) -> None:
+    if path is None:
+        return
+    import torch
+
+    p = Path(path)
+    if p.is_dir() and (p / "checkpoint.pt").is_file():
+        p = p / "checkpoint.pt"
+    if not p.exists():
+        raise CLIError(f"checkpoint {str(p)!r} does not exist")
+    if p.is_dir():
+        load = require("lowprec.checkpoint", "load", what=f"loading the checkpoint directory {str(p)!r}")
+        load(p, model)
+        return
+    state = torch.load(p, weights_only=True)
+    model.load_state_dict(state["model"] if "model" in state else state)
+
+
+def cmd_sensitivity(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
+    from lowprec import runs
+    from lowprec.recipes import resolve
+
+    recipe = resolve(args.recipe) if args.recipe else None
+    corpus = load_corpus(args.data)
+    model = load_model(args.config, seed=args.seed)
+    _check_seq_len(model, args.seq_len)
+    if recipe is not None:
+        model, _, _ = _convert(model, recipe)
+    _load_weights(model, args.checkpoint)
+    if args.checkpoint is None and args.train_steps == 0:
+        print("note: scoring an untrained model; pass --checkpoint RUNDIR (from lowprec train) or --train-steps N")
+    run_dir = runs.make_run_dir("sensitivity", args.out)
+    if args.train_steps:
+        import torch
+
+        from lowprec.training import TrainConfig, train
+
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1, betas=(0.9, 0.95))
+        res = train(model, opt, corpus, TrainConfig(steps=args.train_steps, batch_size=args.batch_size,
+                                                    seq_len=args.seq_len, seed=args.seed,
+                                                    eval_every=args.train_steps),
+                    progress=not args.no_progress, desc="pre-train")
+        print(f"trained {args.train_steps} steps first: validation loss {res.final_val_loss:.4f}")
+    batches = runs.sensitivity_batches(corpus, args.batches, args.batch_size, args.seq_len)
+    out = runs.score_and_plan(model, batches, method=args.method, bits=args.bits, avg_bits=args.avg_bits,
+                         size_budget_bytes=args.size_budget_bytes, run_dir=run_dir, progress=not args.no_progress)
+    files = list(out["files"])
+    files.append(runs.write_json(run_dir / "metrics.json", {
+        "command": "sensitivity", "method": args.method, "bits": list(args.bits), "seconds": out["seconds"],
+        "mean_bits": out["mean_bits"], "plan": out["plan"], "batches": args.batches,
+        "batch_size": args.batch_size, "seq_len": args.seq_len, "checkpoint": args.checkpoint,
+    }))
+    print(f"use the plan: lowprec train RECIPE --plan {run_dir / 'plan.json'}")
+    _finish(run_dir, files)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# lowprec inspect
+# ----------------------------------------------------------------------------------------------
+
+
+def cmd_inspect(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
+    from lowprec import numerics, runs
+    from lowprec.data import batch_at
+    from lowprec.recipes import resolve
+
+    recipe = resolve(args.recipe) if args.recipe else None
+    try:
+        fwd, bwd, scaling = numerics.formats_for(recipe, args.format, args.grad_format, args.scaling)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    corpus = load_corpus(args.data)
+    model = load_model(args.config, seed=args.seed)
+    _check_seq_len(model, args.seq_len)
+    if recipe is not None:
+        model, recipe, _ = _convert(model, recipe)
+    _load_weights(model, args.checkpoint)
+    batch = batch_at(corpus.train, 0, args.batch_size, args.seq_len, args.seed)
+    run_dir = runs.make_run_dir("inspect", args.out)
+    table = numerics.numerics_table(model, batch, forward_format=fwd, backward_format=bwd, scaling=scaling)
+    title = (f"numerics of {'recipe ' + repr(recipe.name) if recipe else 'the unconverted model'}: "
+             f"forward {fwd}, gradients {bwd}, scaling {scaling!r}")
+    print(title)
+    print(numerics.format_rows(table))
+    files: list[Path | None] = [runs.write_json(run_dir / "metrics.json", {
+        "command": "inspect", "recipe": recipe.name if recipe else None, "forward_format": fwd,
+        "backward_format": bwd, "scaling": scaling, "rows": table})]
+    files.append(numerics.plot_rows(table, run_dir / "numerics.png", title=title))
+    # The unit-scaling op table (lowprec.inspect, issue 3), when present.
+    try:
+        ins = require("lowprec.inspect", "inspect", what="the per-op std table")
+    except FeatureMissing as e:
+        print(f"(per-op table skipped: {e})")
+    else:
+        op_table = ins(model, batch)
+        print(op_table)
+        (run_dir / "ops.txt").write_text(str(op_table) + "\n")
+        files.append(run_dir / "ops.txt")
+    _finish(run_dir, files)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# lowprec bench / recipes / demo
+# ----------------------------------------------------------------------------------------------
+
+
+def benchmarks_dir() -> Path:
+    """``benchmarks/`` of the source tree lowprec runs from (benchmarks are not installed)."""
+    import lowprec
+
+    for cand in (Path(lowprec.__file__).resolve().parent.parent / "benchmarks", Path.cwd() / "benchmarks"):
+        if cand.is_dir():
+            return cand
+    raise CLIError("no benchmarks/ folder found: run lowprec bench from a clone of the lowprec repository")
+
+
+def list_benchmarks() -> dict[str, Path]:
+    return {p.stem.removeprefix("bench_"): p for p in sorted(benchmarks_dir().glob("bench_*.py"))}
+
+
+def cmd_bench(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
+    from lowprec import runs
+
+    found = list_benchmarks()
+    if args.list or not found:
+        print("benchmarks:" if found else f"no benchmarks in {benchmarks_dir()}")
+        for name, path in found.items():
+            doc = _first_doc_line(path)
+            print(f"  {name:<16} {doc}")
+        return 0
+    names = args.names or list(found)
+    unknown = [n for n in names if n.removeprefix("bench_") not in found]
+    if unknown:
+        raise CLIError(f"unknown benchmark {', '.join(map(repr, unknown))}; available: {', '.join(found)}")
+    run_dir = runs.make_run_dir("bench", args.out)
+    env = {**os.environ, "LOWPREC_BENCH_DIR": str(run_dir.resolve())}
+    rows = []
+    for name in names:
+        path = found[name.removeprefix("bench_")]
+        print(f"== {path.name}", flush=True)
+        t0 = time.perf_counter()
+        rc = subprocess.call([sys.executable, str(path), *args.extra], env=env)
+        rows.append({"benchmark": path.stem, "exit_status": rc, "seconds": time.perf_counter() - t0})
+        if rc != 0:
+            print(f"{path.name} exited with status {rc}", file=sys.stderr)
+    files = [runs.write_json(run_dir / "metrics.json", {"command": "bench", "runs": rows}),
+             runs.plot_bars(run_dir / "bench_times.png", [r["benchmark"] for r in rows],
+                            [r["seconds"] for r in rows], title="lowprec bench: wall time", ylabel="seconds")]
+    files += sorted(p for p in run_dir.glob("*.json") if p.name != "metrics.json")
+    _finish(run_dir, files)
+    return 0 if all(r["exit_status"] == 0 for r in rows) else 1
+
+
+def _first_doc_line(path: Path) -> str:
+    import ast
+
+    try:
+        doc = ast.get_docstring(ast.parse(path.read_text()))
+    except SyntaxError:
+        return ""
+    return (doc or "").strip().splitlines()[0] if doc else ""
+
+
+def cmd_recipes(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
+    from lowprec.recipes import Recipe, available, resolve
+
+    if args.show:
+        recipe = resolve(args.show)
+        print(f"# {recipe.source}")
+        print(Path(recipe.source).read_text())
+        return 0
+    names = available()
+    if not names:
+        print("no recipes are shipped in this build")
+        return 0
+    print(f"{'recipe':<14} {'unit':<5} {'matmuls':<16} {'optimizer':<10} description")
+    for name in names:
+        r = Recipe.from_name(name)
+        cast = r.cast.format if r.cast.format != "fp8" else f"fp8/{r.cast.scaling}"
+        if r.cast.smooth_swiglu:
+            cast += "+smooth"
+        print(f"{name:<14} {'yes' if r.unit_scaling.enabled else 'no':<5} {cast:<16} {r.optimizer.name:<10} "
+              f"{r.description}")
+    print("\nlowprec recipes --show NAME prints a recipe file; copy it, edit it, pass its path instead of a name.")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
+    from lowprec.demo import run_demo
+
+    out = run_demo(steps=args.steps, batch_size=args.batch_size, out=args.out, seed=args.seed,
+                   sensitivity=not args.no_sensitivity, sensitivity_method=args.sensitivity_method,
+                   progress=not args.no_progress)
+    return 0 if out["ok"] else 1
+
+
+# ----------------------------------------------------------------------------------------------
+# The parser
+# ----------------------------------------------------------------------------------------------
+
+
+def _add_model_data(p: argparse.ArgumentParser, *, batch_size: int, seq_len: int = 128) -> None:
+    g = p.add_argument_group("model and data")
+    g.add_argument("--config", metavar="HF.json", help="a Hugging Face config.json to build a randomly initialised "
+                   "causal LM from (default: the built-in demo Llama: 4 layers, hidden 256)")
+    g.add_argument("--data", metavar="FILE", help="a text file to train on, read as bytes; the last 10%% is "
+                   "validation (default: the Python standard library's source, every 10th file validation)")
+    g.add_argument("--batch-size", type=int, default=batch_size, help="sequences per batch (default %(default)s)")
+    g.add_argument("--seq-len", type=int, default=seq_len, help="bytes per sequence (default %(default)s)")
+    g.add_argument("--seed", type=int, default=0, help="model init and data order seed (default %(default)s)")
+
+
+def _add_out(p: argparse.ArgumentParser, command: str) -> None:
+    p.add_argument("--out", metavar="RUNDIR", help=f"run directory (default: runs/{command}-<UTC time>)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lowprec",
+        description="Low-precision training for PyTorch: unit-scaled FP8/FP16 models, 4-bit optimizer "
+                    "states, per-layer bit selection.",
+        epilog="Every command that does work writes metrics JSON and PNG plots into a run directory and "
+               "prints its path. `lowprec COMMAND --help` describes each command.",
+    )
+    from lowprec import __version__
+
+    parser.add_argument("--version", action="version", version=f"lowprec {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="fp32 + AdamW vs unit-fp8 + AdamW4bit on real text, then a bit plan",
+                       description="Train the demo Llama on the standard library's source text twice, in fp32 "
+                                   "with torch AdamW and under the unit-fp8 recipe with AdamW4bit, print the "
+                                   "side-by-side table (validation loss, optimizer-state memory, step time), "
+                                   "write loss_curves.png, then score layer sensitivity and write a bit plan.")
+    p.add_argument("--steps", type=int, default=300, help="training steps per run (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences of 128 bytes per step (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed for both runs (default %(default)s)")
+    p.add_argument("--sensitivity-method", default="measured", choices=("measured", "pqi", "hawq"),
+                   help="scorer for the bit plan (default %(default)s, the fastest)")
+    p.add_argument("--no-sensitivity", action="store_true", help="skip the sensitivity and bit-plan part")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_out(p, "demo")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("train", help="train a model under a recipe (checkpointed; Ctrl-C keeps the last checkpoint)",
+                       description="Convert a model with RECIPE and train it, evaluating on held-out text, "
+                                   "checkpointing every --checkpoint-every steps. Ctrl-C stops the run and leaves "
+                                   "the last completed checkpoint intact. With --nproc N the same command runs "
+                                   "data-parallel under torchrun (or launch it yourself: torchrun "
+                                   "--nproc-per-node N -m lowprec train RECIPE ...).")
+    p.add_argument("recipe", metavar="RECIPE", help="a shipped recipe name (lowprec recipes) or a path to a .toml file")
+    _add_model_data(p, batch_size=16)
+    p.add_argument("--steps", type=int, default=200, help="training steps (default %(default)s)")
+    p.add_argument("--lr", type=float, help="base learning rate (default: the recipe's [optimizer] lr)")
+    p.add_argument("--optimizer", choices=("AdamW", "AdamW4bit", "AdamW8bit", "AdamWFp8"),
+                   help="override the recipe's optimizer")
+    p.add_argument("--plan", metavar="PLAN.json", help="a bit plan (from lowprec sensitivity) for per-layer QAT")
+    p.add_argument("--eval-every", type=int, default=50, help="validation every N steps (default %(default)s)")
+    p.add_argument("--eval-batches", type=int, default=8, help="validation batches (default %(default)s)")
+    p.add_argument("--checkpoint-every", type=int, default=50, metavar="N",
+                   help="write RUNDIR/checkpoint every N steps, atomically (default %(default)s; 0: only at the end)")
+    p.add_argument("--nproc", type=int, default=1, metavar="N", help="processes for data-parallel training (torchrun)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_out(p, "train")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sensitivity", help="score each layer's sensitivity to quantization and choose bits",
+                       description="Score every linear layer of the model at each bit width (measured loss "
+                                   "change, PQI path integral, or HAWQ-V2 Hessian trace), choose bits per layer "
+                                   "under a budget with an integer program, and write the report, the plan "
+                                   "(plan.json: qualified module name -> bits) and their charts.")
+    _add_model_data(p, batch_size=8)
+    p.add_argument("--recipe", help="convert the model with this recipe before scoring")
+    p.add_argument("--checkpoint", metavar="PATH", help="weights to score: a run directory or checkpoint from lowprec train")
+    p.add_argument("--train-steps", type=int, default=0, help="train this many fp32 AdamW steps before scoring")
+    p.add_argument("--method", default="pqi", choices=("pqi", "measured", "hawq"), help="scorer (default %(default)s)")
+    p.add_argument("--bits", type=_parse_bits, default=(2, 3, 4, 8), help="candidate bit widths (default 2,3,4,8)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--avg-bits", type=float, default=4.0, help="average bits per weight (default %(default)s)")
+    budget.add_argument("--size-budget-bytes", type=int, help="total weight bytes allowed instead of --avg-bits")
+    p.add_argument("--batches", type=int, default=2, help="batches the scorer averages over (default %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_out(p, "sensitivity")
+    p.set_defaults(func=cmd_sensitivity)
+
+    p = sub.add_parser("inspect", help="the numerics table: std, amax, saturated and underflowed fractions",
+                       description="Run one batch forward and backward through the (converted) model and print, "
+                                   "for every linear layer's weight, input, weight gradient and output gradient: "
+                                   "std, amax, and the fractions that saturate (clip at the format's max) or "
+                                   "underflow (round to zero) when cast to the recipe's formats with its scaling. "
+                                   "A recipe without FP8 casts is shown against E4M3/E5M2 with no scaling: how "
+                                   "well the tensors fit FP8 as they are.")
+    p.add_argument("recipe", metavar="RECIPE", nargs="?", help="shipped recipe name or .toml path (default: unconverted)")
+    _add_model_data(p, batch_size=4)
+    p.add_argument("--checkpoint", metavar="PATH", help="weights to inspect (a run directory or checkpoint)")
+    p.add_argument("--format", help="forward format override (e4m3, e5m2, fp16, bf16)")
+    p.add_argument("--grad-format", help="gradient format override (default: the recipe's backward format)")
+    p.add_argument("--scaling", choices=("none", "current", "rowwise", "blockwise"), help="scaling override")
+    _add_out(p, "inspect")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("bench", help="run the benchmarks (benchmarks/bench_*.py)",
+                       description="Run the named benchmarks (all by default); each prints its table and writes "
+                                   "its JSON into the run directory.")
+    p.add_argument("names", nargs="*", metavar="NAME", help="benchmarks to run, e.g. optim fp8 (default: all)")
+    p.add_argument("--list", action="store_true", help="list the benchmarks and exit")
+    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="arguments passed to each benchmark script")
+    _add_out(p, "bench")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("recipes", help="list the shipped recipes",
+                       description="List the shipped recipes. A recipe is a TOML file (schema: lowprec/recipes.py); "
+                                   "--show NAME prints one to copy and edit.")
+    p.add_argument("--show", metavar="NAME", help="print this recipe's TOML file")
+    p.set_defaults(func=cmd_recipes)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``lowprec`` command; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USAGE
+    from lowprec.recipes import RecipeError
+
+    try:
+        return int(args.func(args, argv) or 0)
+    except (CLIError, FeatureMissing, RecipeError) as e:
+        print(f"lowprec {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"\nlowprec {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
