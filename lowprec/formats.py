@@ -7,15 +7,21 @@ Three kinds of format:
   to ``(x * scale).to(torch.float8_e4m3fn)``. Every cast *saturates* to ±max (torch's E5M2,
   FP16 and BF16 casts overflow to inf, so the value is clamped first); NaN stays NaN.
 * :class:`IntFormat`: symmetric signed INT-k (codes -(2^(k-1)-1) .. 2^(k-1)-1) and unsigned
-  INT-k (0 .. 2^k-1), round half to even.
+  INT-k (0 .. 2^k-1), round half to even, saturating.
 * :class:`CodebookFormat`: a sorted table of codes in [-1, 1] (NF4, dynamic-exponent maps,
   linear maps); a value goes to the nearest code (ties to the lower code), two 4-bit codes
-  are packed per byte (even element in the low nibble).
+  are packed per byte (even element in the low nibble). Values beyond the table go to its
+  end codes.
+
+Formats that cannot hold NaN (INT-k, code books) treat NaN like +inf: it becomes the largest
+code. Float formats keep NaN as NaN.
 
 Scale convention (TransformerEngine's): ``q = cast(x * scale)``, ``x ≈ q / scale``. When no
 scale is given it is computed from the absolute maximum over the granularity ("tensor",
 "row" = per slice of the last dim, "block" = blocks of ``block_size`` along the last dim):
-``scale = fmt.max / max(amax, AMAX_FLOOR)``, so an all-zero block gives zeros, never NaN.
+``scale = fmt.max / max(amax, AMAX_FLOOR)``, so an all-zero block gives zeros, never NaN. A
+non-finite amax (a group holding inf or NaN) gives scale 1, the value TransformerEngine starts
+from and keeps when amax is not usable.
 """
 
 from __future__ import annotations
@@ -30,6 +36,16 @@ Granularity = Literal["tensor", "row", "block"]
 
 AMAX_FLOOR = 1e-12  # TransformerEngine / torchao: amax clamped below before computing a scale
 E8M0_BIAS = 127  # OCP MX spec: an E8M0 byte e encodes the power of two 2**(e - 127)
+E8M0_NAN = 255  # OCP MX spec: the E8M0 byte 0xFF is NaN
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def _floor_pow2(x: torch.Tensor) -> torch.Tensor:
+    """The largest power of two <= x for positive finite x, computed exactly with frexp.
+    (``exp2(floor(log2(x)))`` is wrong just below a power of two, where float32 log2 rounds up
+    to the integer.)"""
+    _, e = torch.frexp(x)
+    return torch.ldexp(torch.ones_like(x), e - 1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -56,8 +72,7 @@ class FloatFormat:
     def step_at(self, magnitude: torch.Tensor) -> torch.Tensor:
         """The gap between adjacent representable values around ``|magnitude|`` (the ULP)."""
         mag = magnitude.abs().float().clamp_min(self.min_normal)
-        exp = torch.floor(torch.log2(mag))
-        return torch.exp2(exp - self.mantissa_bits)
+        return _floor_pow2(mag) * 2.0 ** -self.mantissa_bits
 
 
 @dataclass(frozen=True)
@@ -231,7 +246,8 @@ def _check_input(x: torch.Tensor, what: str = "x") -> None:
     if x.is_complex():
         raise TypeError(f"{what} has complex dtype {x.dtype}; lowprec formats quantize real floating-point tensors")
     if not x.is_floating_point():
-        raise TypeError(f"{what} has integer dtype {x.dtype}; expected a floating-point tensor (float32, float16, bfloat16)")
+        raise TypeError(f"{what} has non-floating-point dtype {x.dtype}; expected a floating-point tensor "
+                        f"(float32, float16, bfloat16)")
 
 
 def _check_scale(scale: torch.Tensor | float, what: str = "scale") -> torch.Tensor:
@@ -253,6 +269,30 @@ def _check_block(x: torch.Tensor, block_size: int | None) -> int:
         raise ValueError(f"block_size {block_size} does not divide the last dimension ({last}); "
                          f"pad the tensor or choose a block size that divides it")
     return block_size
+
+
+def _group_shape(x: torch.Tensor, granularity: Granularity, block_size: int | None) -> tuple[int, ...]:
+    """The shape of one scale per group (what :func:`amax` returns)."""
+    if granularity == "tensor":
+        return ()
+    if x.dim() == 0:
+        raise ValueError(f"granularity {granularity!r} needs a tensor with at least one dimension")
+    if granularity == "row":
+        return (*x.shape[:-1], 1)
+    return (*x.shape[:-1], x.shape[-1] // block_size, 1)
+
+
+def _check_scale_shape(s: torch.Tensor, x: torch.Tensor, granularity: Granularity, block_size: int | None) -> None:
+    want = _group_shape(x, granularity, block_size)
+    if s.numel() == 1:
+        return
+    try:
+        ok = torch.broadcast_shapes(tuple(s.shape), want) == torch.Size(want)
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"scale of shape {tuple(s.shape)} does not fit granularity {granularity!r} for x of shape "
+                         f"{tuple(x.shape)}; expected a scalar or shape {want} (one scale per group)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -281,25 +321,34 @@ def amax(x: torch.Tensor, granularity: Granularity = "tensor", block_size: int |
 
 
 def scale_from_amax(amax: torch.Tensor, fmt: str | Format, power_of_two: bool = False, margin: int = 0) -> torch.Tensor:
-    """``fmt.max / max(amax, AMAX_FLOOR) / 2**margin``, optionally rounded down to a power of two.
-    A NaN amax gives scale 1 (callers that keep history should keep their previous scale)."""
+    """``fmt.max / max(amax, AMAX_FLOOR) / 2**margin`` in float32, optionally rounded down to a
+    power of two, and capped at the float32 maximum (BF16's max over the floor would overflow).
+
+    A non-finite amax (inf or NaN) gives scale 1: callers that keep a history should keep their
+    previous scale instead (TransformerEngine does both).
+    """
     f = get_format(fmt)
-    a = torch.nan_to_num(amax.float(), nan=0.0, posinf=torch.finfo(torch.float32).max).clamp_min(AMAX_FLOOR)
-    s = f.max / a / (2.0**margin)
+    a = amax.float()
+    # A tensor-by-tensor division, correctly rounded: ``python_float / tensor`` is computed by torch
+    # as ``reciprocal(tensor) * python_float`` (two roundings), which a kernel would not reproduce.
+    s = torch.div(torch.full_like(a, f.max), a.clamp_min(AMAX_FLOOR)) / (2.0**margin)
+    s = s.clamp_max(FLOAT32_MAX)
     if power_of_two:
-        s = torch.exp2(torch.floor(torch.log2(s)))
-    return s
+        s = _floor_pow2(s)
+    return torch.where(torch.isfinite(a), s, torch.ones_like(s))
 
 
 def to_e8m0(scale: torch.Tensor) -> torch.Tensor:
-    """Encode power-of-two scales as E8M0 bytes (uint8, bias 127); a non-power-of-two is rounded down."""
-    e = torch.floor(torch.log2(_check_scale(scale))).clamp(-E8M0_BIAS, E8M0_BIAS) + E8M0_BIAS
-    return e.to(torch.uint8)
+    """Encode power-of-two scales as E8M0 bytes (uint8, bias 127); a non-power-of-two is rounded
+    down, and exponents outside [-127, 127] are clamped."""
+    _, e = torch.frexp(_check_scale(scale))
+    return ((e - 1).clamp(-E8M0_BIAS, E8M0_BIAS) + E8M0_BIAS).to(torch.uint8)
 
 
 def from_e8m0(code: torch.Tensor) -> torch.Tensor:
-    """Decode E8M0 bytes to float32 powers of two."""
-    return torch.exp2(code.float() - E8M0_BIAS)
+    """Decode E8M0 bytes to float32 powers of two (0xFF is NaN)."""
+    v = torch.exp2(code.float() - E8M0_BIAS)
+    return torch.where(code == E8M0_NAN, torch.full_like(v, float("nan")), v)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -352,8 +401,9 @@ def unpack_nibbles(packed: torch.Tensor, numel: int) -> torch.Tensor:
 
 
 def encode_codebook(x_scaled: torch.Tensor, fmt: CodebookFormat) -> torch.Tensor:
-    """Index of the nearest code for each (already scaled) value; ties go to the lower code.
-    NaN maps to the largest code (bucketize's order)."""
+    """Index of the nearest code for each (already scaled) value: the number of midpoints below
+    it, so ties go to the lower code, values beyond the table go to its end codes, and NaN
+    (which bucketize orders last) goes to the largest code."""
     mids = fmt.midpoints.to(x_scaled.device)
     return torch.bucketize(x_scaled.float().contiguous(), mids, right=False).to(torch.uint8)
 
@@ -377,11 +427,13 @@ def quantize(
         s = scale_from_amax(amax(x, granularity, block_size), f)
     else:
         s = _check_scale(scale).to(x.device)
+        _check_scale_shape(s, x, granularity, block_size)
     xs = _grouped(x.float(), granularity, block_size) * s
     if isinstance(f, FloatFormat):
         data = xs.clamp(-f.max, f.max).to(f.dtype).reshape(x.shape)
         packed = False
     elif isinstance(f, IntFormat):
+        xs = torch.nan_to_num(xs, nan=float(f.qmax))  # no NaN code: NaN goes where +inf goes
         data = torch.round(xs).clamp(f.qmin, f.qmax).to(f.storage_dtype).reshape(x.shape)
         packed = False
     else:
