@@ -2,6 +2,16 @@
 
 Same seed, same data order and same step count for every side-by-side comparison
 (design.md, "The shared test bed"): batches come from :func:`lowprec.data.batch_at`.
+
+The loop is resumable and distributed-aware (issue 8):
+
+* ``train(..., checkpoint_dir=DIR)`` saves a checkpoint (:mod:`lowprec.checkpoint`) every
+  ``checkpoint_every`` steps and at the last step it runs; ``resume_from=PATH_OR_DIR`` continues
+  from one, so a run stopped at step 10 (``stop_after=10``) and resumed to 20 gives the losses of
+  the uninterrupted run. The step is the data position: batches depend only on ``(seed, step)``.
+* Under ``torch.distributed`` (DDP or FSDP2, see :mod:`lowprec.distributed`) each rank trains on
+  its slice of the same global batch, and the logged loss and the validation loss are averaged
+  over ranks, so the numbers mean what they mean in one process.
 """
 
 from __future__ import annotations
@@ -10,6 +20,7 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,6 +28,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowprec.data import TextCorpus, batch_at, eval_batches
+
+
+def _world() -> tuple[int, int]:
+    """(rank, world size) of the default process group, (0, 1) without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's model inside a ``DistributedDataParallel`` wrapper (FSDP2 keeps the module itself)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 def logits_of(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
@@ -29,7 +54,7 @@ def lm_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> to
     """Mean next-token cross-entropy. A unit-scaled model uses the unit-scaled cross-entropy,
     whose forward value is the same mean but whose logit gradient is unit (no loss scaling)."""
     logits = logits_of(model, inputs).float()
-    recipe = getattr(model, "lowprec_recipe", None)
+    recipe = getattr(unwrap(model), "lowprec_recipe", None)
     if recipe is not None and recipe.unit_scaling.enabled:
         from lowprec.scaling.functional import cross_entropy as unit_cross_entropy
 
@@ -39,15 +64,32 @@ def lm_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> to
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """Mean validation cross-entropy (nats per byte) over fixed batches."""
+    """Mean validation cross-entropy (nats per byte) over fixed batches.
+
+    Under ``torch.distributed`` every rank must call it with the same batches: each rank
+    evaluates its slice of every batch (when the batch divides by the world size) and the sums
+    are all-reduced, so all ranks return the one-process value (up to summation order)."""
+    rank, world = _world()
     was_training = model.training
     model.eval()
     total, n = 0.0, 0
     for x, y in batches:
+        if world > 1 and x.shape[0] % world == 0:
+            per = x.shape[0] // world
+            x, y = x[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per]
+        elif world > 1:  # cannot split evenly: every rank evaluates the whole batch, counted once
+            x, y = (x, y) if rank == 0 else (x, y[:0])
         logits = logits_of(model, x).float()
-        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum").item()
+        if y.numel():
+            total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum").item()
         n += y.numel()
     model.train(was_training)
+    if world > 1:
+        import torch.distributed as dist
+
+        t = torch.tensor([total, float(n)], dtype=torch.float64)
+        dist.all_reduce(t)
+        total, n = t[0].item(), int(t[1].item())
     return total / max(n, 1)
 
 
@@ -84,6 +126,8 @@ class TrainResult:
     val_loss: list[tuple[int, float]] = field(default_factory=list)  # (step, loss)
     step_time_s: list[float] = field(default_factory=list)
     diverged_at: int | None = None
+    start_step: int = 0  # > 0 when the run resumed from a checkpoint: train_loss[i] is step start_step + i
+    checkpoints: list[str] = field(default_factory=list)  # paths written, oldest first
 
     @property
     def final_val_loss(self) -> float:
@@ -97,34 +141,68 @@ class TrainResult:
     def to_dict(self) -> dict[str, Any]:
         return dict(train_loss=self.train_loss, val_loss=self.val_loss, step_time_s=self.step_time_s,
                     diverged_at=self.diverged_at, final_val_loss=self.final_val_loss,
-                    median_step_time_s=self.median_step_time_s)
+                    median_step_time_s=self.median_step_time_s, start_step=self.start_step,
+                    checkpoints=self.checkpoints)
 
 
 def train(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     corpus: TextCorpus,
-    config: TrainConfig = TrainConfig(),
+    config: TrainConfig | None = None,
     *,
     progress: bool = False,
     desc: str = "train",
     on_step: Callable[[int, float], None] | None = None,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = 0,
+    keep_checkpoints: int = 2,
+    checkpoint_format: str = "auto",
+    resume_from: str | Path | None = None,
+    stop_after: int | None = None,
 ) -> TrainResult:
     """Train ``model`` for ``config.steps`` steps on ``corpus`` and return the curves.
 
     Stops early (recording ``diverged_at``) when the training loss is not finite.
+
+    Checkpoints (:mod:`lowprec.checkpoint`): with ``checkpoint_dir``, a checkpoint is written
+    every ``checkpoint_every`` steps (0: only at the end) and at the last step run, keeping the
+    newest ``keep_checkpoints``, as ``checkpoint_format`` ("auto": one file in one process,
+    a DCP directory under torch.distributed; "dcp" forces a directory). ``resume_from`` (a checkpoint, or a run directory whose
+    ``latest`` is used) restores model, optimizer, LR schedule and RNG and continues at the saved
+    step; ``stop_after=k`` stops after step k as if interrupted (the LR schedule still spans
+    ``config.steps``). ``model`` may be wrapped by :mod:`lowprec.distributed` (DDP or FSDP2).
     """
+    from lowprec import checkpoint as ckpt
+
+    config = config if config is not None else TrainConfig()
+    rank, world = _world()
     sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.warmup_steps, config.steps, config.schedule))
     val = eval_batches(corpus.val, config.eval_batches, config.batch_size, config.seq_len)
     result = TrainResult()
-    steps: Iterable[int] = range(config.steps)
-    if progress:
+    data_position = {"seed": config.seed, "batch_size": config.batch_size, "seq_len": config.seq_len}
+    start = 0
+    if resume_from is not None:
+        path = Path(resume_from)
+        if path.is_dir() and (path / ckpt.LATEST_NAME).is_file():
+            path = ckpt.latest(path)
+        meta = ckpt.load(path, model, optimizer, scheduler=sched)
+        for key, value in data_position.items():
+            saved = meta["data"].get(key)
+            if saved is not None and saved != value:
+                raise ValueError(f"cannot resume from {str(path)!r}: it was trained with {key}={saved}, this run has "
+                                 f"{key}={value}; the data order would differ")
+        start = int(meta["step"])
+        result.start_step = start
+    end = config.steps if stop_after is None else min(config.steps, stop_after)
+    steps: Iterable[int] = range(start, end)
+    if progress and rank == 0:
         from tqdm.auto import tqdm
 
-        steps = tqdm(steps, desc=desc, leave=False)
+        steps = tqdm(steps, desc=desc, leave=False, initial=start, total=end)
     model.train()
     for step in steps:
-        x, y = batch_at(corpus.train, step, config.batch_size, config.seq_len, config.seed)
+        x, y = batch_at(corpus.train, step, config.batch_size, config.seq_len, config.seed, rank=rank, world_size=world)
         t0 = time.perf_counter()
         loss = lm_loss(model, x, y)
         loss.backward()
@@ -134,7 +212,7 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         sched.step()
         result.step_time_s.append(time.perf_counter() - t0)
-        value = loss.item()
+        value = _global_mean(loss.detach(), world)
         result.train_loss.append(value)
         if on_step is not None:
             on_step(step, value)
@@ -143,4 +221,20 @@ def train(
             break
         if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
             result.val_loss.append((step + 1, evaluate(model, val)))
+        if checkpoint_dir is not None and (step + 1 == end or (checkpoint_every and (step + 1) % checkpoint_every == 0)):
+            path = ckpt.save_to_run(checkpoint_dir, model, optimizer, step=step + 1, scheduler=sched,
+                                    data=data_position, keep_last=keep_checkpoints,
+                                    format=checkpoint_format)
+            result.checkpoints.append(str(path))
     return result
+
+
+def _global_mean(loss: torch.Tensor, world: int) -> float:
+    """The loss over the global batch: the mean of the ranks' means (local batches are equal)."""
+    if world == 1:
+        return loss.item()
+    import torch.distributed as dist
+
+    t = loss.float().clone()
+    dist.all_reduce(t)
+    return (t / world).item()
