@@ -4,14 +4,22 @@ Called by :func:`lowprec.convert` after unit scaling. A module that already expo
 attribute (lowprec's unit-scaled linears) gets the backend set; a plain ``nn.Linear`` is
 swapped for :class:`LowPrecisionLinear` sharing its parameters. Embeddings, the LM head and
 norms stay in high precision unless ``cast.keep_high_precision`` says otherwise.
+
+FP8 (``cast.format = "fp8"``): each eligible layer gets its own :class:`Fp8Gemm` (scaling state
+per layer). Layers whose dimensions are not multiples of 16 stay in high precision and are
+listed in the report; a model with no eligible layer at all raises, since a silent no-op would
+let the user believe they train in FP8. With ``cast.smooth_swiglu`` every SwiGLU MLP's
+``down_proj`` GEMM applies Smooth-SwiGLU.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
+from lowprec.fp8.fp8_gemm import FP8_DIM_MULTIPLE, Fp8Gemm, fp8_eligible
 from lowprec.fp8.gemm import CastGemm
 from lowprec.fp8.linear import LowPrecisionLinear
+from lowprec.fp8.scaling import ScalingConfig
 
 
 def make_gemm(recipe, module_name: str, module: nn.Module) -> nn.Module:
@@ -19,6 +27,9 @@ def make_gemm(recipe, module_name: str, module: nn.Module) -> nn.Module:
     fmt = recipe.cast.format
     if fmt in ("fp16", "bf16"):
         return CastGemm(fmt)
+    if fmt == "fp8":
+        c = recipe.cast
+        return Fp8Gemm(ScalingConfig.from_cast(c), backend=c.gemm, debug=c.debug, name=module_name)
     raise NotImplementedError(f"cast format {fmt!r} is not implemented yet")
 
 
@@ -36,8 +47,15 @@ def _set_child(model: nn.Module, qualified_name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def _weight_shape(module: nn.Module) -> tuple[int, int] | None:
+    w = getattr(module, "weight", None)
+    return tuple(w.shape) if w is not None and w.dim() == 2 else None
+
+
 def apply_casts(model: nn.Module, recipe, report) -> None:
     keep = set(recipe.cast.keep_high_precision)
+    fp8 = recipe.cast.format == "fp8"
+    n_converted = 0
     for name, module in list(model.named_modules()):
         if not name:
             continue
@@ -50,10 +68,26 @@ def apply_casts(model: nn.Module, recipe, report) -> None:
         if "lm_head" in keep and _is_lm_head(model, module):
             report.skip(name, "LM head kept in high precision (cast.keep_high_precision)")
             continue
+        if fp8:
+            shape = _weight_shape(module)
+            if shape is None or not fp8_eligible(shape[1], shape[0]):
+                dims = f"in_features={shape[1]}, out_features={shape[0]}" if shape else "no 2-D weight"
+                report.skip(name, f"kept in high precision: FP8 GEMMs need dimensions that are multiples of "
+                                  f"{FP8_DIM_MULTIPLE} ({dims})")
+                continue
         gemm = make_gemm(recipe, name, module)
+        n_converted += 1
         if hasattr(module, "gemm"):
             module.gemm = gemm
             report.add(name, f"{type(module).__name__} with {type(gemm).__name__}({recipe.cast.format})")
         else:
             _set_child(model, name, LowPrecisionLinear.from_linear(module, gemm))
             report.add(name, f"LowPrecisionLinear with {type(gemm).__name__}({recipe.cast.format})")
+    if fp8 and n_converted == 0:
+        why = "; ".join(f"{n}: {w}" for n, w in list(report.skipped.items())[:5]) or "the model has no linear layers"
+        raise ValueError(f"recipe {recipe.name!r} casts matmuls to FP8, but {type(model).__name__} has no linear "
+                         f"layer eligible for FP8 ({why})")
+    if fp8 and recipe.cast.smooth_swiglu:
+        from lowprec.fp8.smooth_swiglu import enable_smooth_swiglu
+
+        enable_smooth_swiglu(model, report)

@@ -65,3 +65,10 @@ class CastGemm(nn.Module):
 
     def extra_repr(self) -> str:
         return self.fmt.name
+
+
+# The FP8 backend lives in its own module (scaling state, three GEMMs); re-exported here so every
+# GEMM backend can be imported from one place.
+from lowprec.fp8.fp8_gemm import Fp8Gemm  # noqa: E402
+
+__all__ = ["CastGemm", "Fp8Gemm"]

@@ -1,0 +1,79 @@
+"""The three FP8 GEMMs of a linear layer, as pure functions on already-quantized operands.
+
+``y = x @ w.T``:  forward ``X (M,K) . W^T``  in E4M3 x E4M3;
+grad-input  ``dX = dY (M,N) . W (N,K)``       in E5M2 x E4M3;
+grad-weight ``dW = dY^T (N,M) . X (M,K)``      in E5M2 x E4M3.
+
+Each GEMM takes FP8 operands and their *inverse* scales (what ``torch._scaled_mm`` wants:
+``out = (a_q * inv_sa) @ (b_q * inv_sb)``) and runs either through ``torch._scaled_mm``
+(the real FP8 GEMM; it runs on the CPU in torch 2.13) or "emulated": dequantize to float32,
+then matmul. Both accumulate in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+GEMM_BACKENDS = ("scaled_mm", "emulated")
+
+
+def _scaled_mm_supported(a: torch.Tensor, b: torch.Tensor, inv_sa: torch.Tensor, inv_sb: torch.Tensor,
+                         out_dtype: torch.dtype) -> bool:
+    """Whether ``torch._scaled_mm`` takes these operands on their device.
+
+    The CPU kernel takes any shape, layout and scale shape; the CUDA one needs both sizes of each
+    operand to be multiples of 16, ``b`` column-major, not E5M2 x E5M2, and for per-row scales
+    E4M3 operands with a bf16 output (torch 2.13). Outside that the emulated GEMM runs.
+    """
+    if a.device.type == "cpu":
+        return True
+    if a.dtype == torch.float8_e5m2 and b.dtype == torch.float8_e5m2:
+        return False
+    if any(d % 16 for d in (*a.shape, *b.shape)):
+        return False
+    if b.stride(0) != 1:
+        return False
+    if inv_sa.numel() > 1 or inv_sb.numel() > 1:
+        return (a.dtype == b.dtype == torch.float8_e4m3fn) and out_dtype == torch.bfloat16
+    return True
+
+
+def fp8_mm(a: torch.Tensor, b: torch.Tensor, inv_sa: torch.Tensor, inv_sb: torch.Tensor,
+           out_dtype: torch.dtype = torch.float32, backend: str = "scaled_mm") -> torch.Tensor:
+    """``(a * inv_sa) @ (b * inv_sb)`` for FP8 ``a`` (M,K) and ``b`` (K,N).
+
+    ``inv_sa`` is a scalar or (M,1); ``inv_sb`` a scalar or (1,N). ``backend``: ``"scaled_mm"``
+    (``torch._scaled_mm`` where the device supports the operands, else emulated) or
+    ``"emulated"`` (dequantize then float32 matmul).
+    """
+    if backend not in GEMM_BACKENDS:
+        raise ValueError(f"FP8 GEMM backend must be one of {', '.join(GEMM_BACKENDS)}; got {backend!r}")
+    inv_sa = inv_sa.float()
+    inv_sb = inv_sb.float()
+    if backend == "scaled_mm" and _scaled_mm_supported(a, b, inv_sa, inv_sb, out_dtype):
+        if inv_sa.numel() == 1:
+            inv_sa = inv_sa.reshape(())
+        if inv_sb.numel() == 1:
+            inv_sb = inv_sb.reshape(())
+        return torch._scaled_mm(a, b, scale_a=inv_sa, scale_b=inv_sb, out_dtype=out_dtype)
+    return ((a.float() * inv_sa) @ (b.float() * inv_sb)).to(out_dtype)
+
+
+def forward_gemm(xq: torch.Tensor, wq: torch.Tensor, inv_sx: torch.Tensor, inv_sw: torch.Tensor,
+                 out_dtype: torch.dtype, backend: str) -> torch.Tensor:
+    """``Y = X . W^T``: ``xq`` (M,K), ``wq`` (N,K); ``inv_sw`` a scalar or (N,1)."""
+    return fp8_mm(xq, wq.t(), inv_sx, inv_sw.reshape(1, -1) if inv_sw.numel() > 1 else inv_sw, out_dtype, backend)
+
+
+def grad_input_gemm(dyq: torch.Tensor, wq_kn_t: torch.Tensor, inv_sdy: torch.Tensor, inv_sw: torch.Tensor,
+                    out_dtype: torch.dtype, backend: str) -> torch.Tensor:
+    """``dX = dY . W``: ``dyq`` (M,N); ``wq_kn_t`` is W as an (N,K) matrix (a transposed view of a
+    contiguous (K,N) tensor on the GPU, so it is column-major); ``inv_sw`` a scalar or (1,K)."""
+    return fp8_mm(dyq, wq_kn_t, inv_sdy, inv_sw, out_dtype, backend)
+
+
+def grad_weight_gemm(dyq_t: torch.Tensor, xq_mk: torch.Tensor, inv_sdy: torch.Tensor, inv_sx: torch.Tensor,
+                     out_dtype: torch.dtype, backend: str) -> torch.Tensor:
+    """``dW = dY^T . X``: ``dyq_t`` (N,M) row-major, ``xq_mk`` (M,K) (column-major on the GPU);
+    ``inv_sdy`` a scalar or (N,1), ``inv_sx`` a scalar or (1,K)."""
+    return fp8_mm(dyq_t, xq_mk, inv_sdy, inv_sx, out_dtype, backend)
