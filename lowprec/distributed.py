@@ -241,9 +241,14 @@ def run(
     rank, size = init()
     model = demo_llama(seed=seed, **(model_overrides or {}))
     rec = None
-    if recipe not in (None, "fp32", "none"):
-        rec = lowprec.recipes.resolve(recipe)
-        lowprec.convert(model, rec)
+    if recipe not in (None, "none"):
+        try:
+            rec = lowprec.recipes.resolve(recipe)
+        except lowprec.recipes.RecipeError:
+            if recipe != "fp32":  # 'fp32' means the unconverted model even where no fp32.toml ships
+                raise
+        if rec is not None:
+            lowprec.convert(model, rec)
     model = wrap(model, strategy)
     opt = make_optimizer(model, rec, optimizer, lr)
     ocfg = rec.optimizer if rec is not None else None
