@@ -22,6 +22,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from lowprec.runs import FeatureMissing, require
 
@@ -191,7 +192,9 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
                          warmup_steps=min(recipe.optimizer.warmup_steps, max(1, args.steps // 5)),
                          schedule=recipe.optimizer.schedule, eval_every=args.eval_every,
                          eval_batches=args.eval_batches)
-    ckpt = _Checkpointer(run_dir, model, optimizer, every=args.checkpoint_every) if run_dir else None
+    ckpt = _Checkpointer(run_dir, model, optimizer, every=args.checkpoint_every,
+                         data={"seed": args.seed, "batch_size": args.batch_size, "seq_len": args.seq_len,
+                               "source": corpus.source}) if run_dir else None
     print(f"training {type(model).__name__} ({sum(p.numel() for p in model.parameters()):,} parameters) "
           f"under {recipe.name!r} with {opt_name} on {corpus}")
     interrupted = False
@@ -232,18 +235,23 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
 
 
 class _Checkpointer:
-    """Writes ``RUNDIR/checkpoint`` every ``every`` steps so that a Ctrl-C (or crash) mid-run
-    leaves the last completed one intact: lowprec.checkpoint when present (atomic by design),
-    otherwise a single ``torch.save`` to a temporary name followed by ``os.replace``."""
+    """Checkpoints a run every ``every`` steps so that Ctrl-C (or a crash) mid-run leaves the last
+    completed checkpoint intact and loadable.
 
-    def __init__(self, run_dir: Path, model, optimizer, every: int) -> None:
-        self.model, self.optimizer, self.every = model, optimizer, every
+    With :mod:`lowprec.checkpoint` (atomic writes, verified loads): ``RUNDIR/checkpoints/step-N.pt``
+    and a ``latest`` pointer. Without it: ``RUNDIR/checkpoint.pt`` written to a temporary name and
+    renamed into place (``os.replace`` is atomic on POSIX).
+    """
+
+    def __init__(self, run_dir: Path, model, optimizer, every: int, data: dict[str, Any]) -> None:
+        self.model, self.optimizer, self.every, self.data = model, optimizer, every, data
         self.last_step: int | None = None
+        self.path: Path | None = None
         try:
-            self._lib = require("lowprec.checkpoint", "save", what="checkpoints")
+            self._lib = require("lowprec.checkpoint", "save_to_run", what="checkpoints")
         except FeatureMissing:
             self._lib = None
-        self.path = run_dir / ("checkpoint" if self._lib is not None else "checkpoint.pt")
+        self.dir = run_dir / "checkpoints" if self._lib is not None else run_dir
 
     def on_step(self, step: int, loss: float) -> None:
         if self.every > 0 and (step + 1) % self.every == 0 and math.isfinite(loss):
@@ -253,13 +261,64 @@ class _Checkpointer:
         import torch
 
         if self._lib is not None:
-            self._lib(self.path, self.model, self.optimizer, step=steps_done)
+            self.path = Path(self._lib(self.dir, self.model, self.optimizer, step=steps_done, data=self.data))
         else:
-            tmp = self.path.with_name(self.path.name + ".tmp")
+            path = self.dir / "checkpoint.pt"
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
             torch.save({"step": steps_done, "model": self.model.state_dict(),
                         "optimizer": self.optimizer.state_dict()}, tmp)
-            os.replace(tmp, self.path)
+            os.replace(tmp, path)
+            self.path = path
         self.last_step = steps_done
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """The checkpoint a path names: a checkpoint itself, or a run directory (its latest checkpoint)."""
+    p = Path(path)
+    if not p.exists():
+        raise CLIError(f"checkpoint {str(p)!r} does not exist")
+    if p.is_dir():
+        ckdir = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+        try:
+            latest = require("lowprec.checkpoint", "latest", what="checkpoint directories")(ckdir)
+        except FeatureMissing:
+            latest = None
+        if latest is not None:
+            return Path(latest)
+        if (p / "checkpoint.pt").is_file():
+            return p / "checkpoint.pt"
+        if not (p / ".metadata").exists():
+            raise CLIError(f"{str(p)!r} holds no checkpoint (no checkpoints/latest, no checkpoint.pt)")
+    return p
+
+
+def load_checkpoint(path: str | Path, model, optimizer=None) -> int:
+    """Load weights (and optimizer state) from a checkpoint or run directory; returns its step."""
+    import torch
+
+    p = find_checkpoint(path)
+    try:
+        load = require("lowprec.checkpoint", "load", what="loading checkpoints")
+    except FeatureMissing:
+        load = None
+    if load is not None and (p.is_dir() or "lowprec_checkpoint" in _peek_keys(p)):
+        meta = load(p, model, optimizer, strict_recipe=False)
+        return int(meta["step"])
+    state = torch.load(p, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"] if "model" in state else state)
+    if optimizer is not None and "optimizer" in state:
+        optimizer.load_state_dict(state["optimizer"])
+    return int(state.get("step", 0))
+
+
+def _peek_keys(p: Path) -> set[str]:
+    import torch
+
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CLIError(f"checkpoint {str(p)!r} cannot be read: {type(e).__name__}: {e}") from None
+    return set(obj) if isinstance(obj, dict) else set()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -278,21 +337,9 @@ def _parse_bits(text: str) -> tuple[int, ...]:
 
 
 def _load_weights(model, path: str | None) -> None:
-    if path is None:
-        return
-    import torch
-
-    p = Path(path)
-    if p.is_dir() and (p / "checkpoint.pt").is_file():
-        p = p / "checkpoint.pt"
-    if not p.exists():
-        raise CLIError(f"checkpoint {str(p)!r} does not exist")
-    if p.is_dir():
-        load = require("lowprec.checkpoint", "load", what=f"loading the checkpoint directory {str(p)!r}")
-        load(p, model)
-        return
-    state = torch.load(p, weights_only=True)
-    model.load_state_dict(state["model"] if "model" in state else state)
+    if path is not None:
+        step = load_checkpoint(path, model)
+        print(f"loaded weights from {find_checkpoint(path)} (step {step})")
 
 
 def cmd_sensitivity(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
@@ -597,9 +644,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_third_party_import_noise() -> None:
+    """transformers imports torchao, which logs warnings about optional CUDA libraries it cannot
+    load on a CPU machine, and torch logs pytree deprecations: harmless, and confusing in a CLI."""
+    import logging
+
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lowprec`` command; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    _quiet_third_party_import_noise()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

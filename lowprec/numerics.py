@@ -3,8 +3,8 @@
 For each linear-like layer (an ``nn.Linear`` or a module with a ``.gemm`` backend) one batch
 forward and backward gives the three tensors an FP8 GEMM casts: the input X and the weight W
 (forward format, E4M3 by default) and the output gradient dY (backward format, E5M2). For
-each: std, amax, and the fractions that would *saturate* (|x * scale| above the format's max:
-clipped) or *underflow* (a nonzero x with |x * scale| at most half the smallest subnormal:
+each: std, amax, and the fractions that would *saturate* (|x * scale| beyond the format's max
+and its rounding interval: clipped) or *underflow* (a nonzero x with |x * scale| at most half the smallest subnormal:
 rounded to zero) under the scaling strategy. The scales follow ``lowprec.formats``
 (TransformerEngine's convention ``q = cast(x * scale)``, ``scale = max / amax``).
 
@@ -76,11 +76,14 @@ def tensor_stats(x: torch.Tensor, fmt: str | FloatFormat, scaling: str = "none")
     x = x.detach().float().reshape(-1, x.shape[-1]) if x.dim() > 1 else x.detach().float().reshape(1, -1)
     finite = torch.isfinite(x)
     xs = x.abs() * _scale(x, fmt, scaling)
+    # Clipped: beyond the rounding interval of the largest finite value (max + half its ULP);
+    # a value just above max (e.g. amax * (max / amax) rounding up by one fp32 ULP) rounds to max.
+    limit = fmt.max + 0.5 * fmt.step_at(torch.tensor(fmt.max)).item()
     n = x.numel()
     return {
         "std": x.std().item() if n > 1 else 0.0,
         "amax": x.abs().max().item() if n else 0.0,
-        "saturated": ((xs > fmt.max) & finite).sum().item() / n,
+        "saturated": ((xs > limit) & finite).sum().item() / n,
         "underflowed": ((x != 0) & (xs <= fmt.min_subnormal / 2)).sum().item() / n,
         "nonfinite": (~finite).sum().item() / n,
     }
