@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from lowprec.runs import FeatureMissing, require
 
@@ -138,19 +136,14 @@ def _world() -> tuple[int, int]:
 
 
 def _launch_distributed(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    """``--nproc N``: run this same command under torchrun (or lowprec.distributed's launcher)."""
-    rest = _strip_nproc(list(argv))
-    try:
-        dist = require("lowprec.distributed", what="lowprec train --nproc")
-    except FeatureMissing:
-        dist = None
-    launch = getattr(dist, "launch", None) if dist is not None else None
-    if launch is not None:
-        return int(launch(["-m", "lowprec", *rest], nproc=args.nproc) or 0)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
-           "-m", "lowprec", *rest]
-    print("launching:", " ".join(cmd))
-    return subprocess.call(cmd)
+    """``--nproc N``: run this same ``lowprec train`` command on N local processes under torchrun."""
+    free_port = require("lowprec.distributed", "free_port", what="lowprec train --nproc")
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc}",
+           f"--master-port={free_port()}", "-m", "lowprec", *_strip_nproc(list(argv))]
+    print("launching:", " ".join(cmd), flush=True)
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
+    return subprocess.call(cmd, env=env)
 
 
 def _strip_nproc(argv: list[str]) -> list[str]:
@@ -177,56 +170,71 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     from lowprec.recipes import resolve
     from lowprec.training import TrainConfig, train
 
-    rank, world = _world()
-    if world > 1:
-        require("lowprec.distributed", what=f"distributed training (WORLD_SIZE={world})")
+    if args.resume and args.out is None:
+        args.out = str(args.resume if Path(args.resume).is_dir() else Path(args.resume).parent.parent)
     recipe = resolve(args.recipe)  # a bad recipe fails before any data or model is loaded
     corpus = load_corpus(args.data)
-    model = load_model(args.config, seed=args.seed)
-    _check_seq_len(model, args.seq_len)
-    model, recipe, report = _convert(model, recipe, plan=args.plan)
-    opt_name = args.optimizer or recipe.optimizer.name
-    optimizer = runs.build_optimizer(model, recipe, name=opt_name, lr=args.lr)
-    run_dir = runs.make_run_dir("train", args.out) if rank == 0 else None
-    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed,
-                         warmup_steps=min(recipe.optimizer.warmup_steps, max(1, args.steps // 5)),
-                         schedule=recipe.optimizer.schedule, eval_every=args.eval_every,
-                         eval_batches=args.eval_batches)
-    ckpt = _Checkpointer(run_dir, model, optimizer, every=args.checkpoint_every,
-                         data={"seed": args.seed, "batch_size": args.batch_size, "seq_len": args.seq_len,
-                               "source": corpus.source}) if run_dir else None
-    print(f"training {type(model).__name__} ({sum(p.numel() for p in model.parameters()):,} parameters) "
-          f"under {recipe.name!r} with {opt_name} on {corpus}")
-    interrupted = False
+    rank, world = 0, 1
+    if _world()[1] > 1:
+        dist = require("lowprec.distributed", what=f"distributed training (WORLD_SIZE={_world()[1]})")
+        rank, world = dist.init()
     try:
-        result = train(model, optimizer, corpus, config, progress=not args.no_progress, desc=f"train {recipe.name}",
-                       on_step=ckpt.on_step if ckpt else None)
-    except KeyboardInterrupt:
-        interrupted = True
-        result = None
-    if run_dir is None:
-        return EXIT_INTERRUPTED if interrupted else 0
-    if interrupted:
-        last = ckpt.last_step if ckpt else None
-        where = f"the last completed checkpoint (step {last}) is {ckpt.path}" if last else "no checkpoint was written"
-        print(f"\ninterrupted by Ctrl-C; {where}", file=sys.stderr)
-        _finish(run_dir, [ckpt.path if last else None])
-        return EXIT_INTERRUPTED
-    if ckpt is not None and (not ckpt.last_step or ckpt.last_step != len(result.train_loss)):
-        ckpt.save(len(result.train_loss))
-    state_bytes = runs.optimizer_state_bytes(optimizer)
-    metrics = {
-        "command": "train", "recipe": recipe.to_dict(), "recipe_source": recipe.source,
-        "optimizer": opt_name, "optimizer_state_bytes": state_bytes,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "config": vars(config), "data": corpus.source, "model_config": args.config,
-        "converted": report.converted, "left_alone": report.skipped,
-        **result.to_dict(), "torch": torch.__version__,
-    }
+        model = load_model(args.config, seed=args.seed)
+        _check_seq_len(model, args.seq_len)
+        model, recipe, report = _convert(model, recipe, plan=args.plan) if rank == 0 else \
+            _convert_quiet(model, recipe, args.plan)
+        if world > 1:
+            model = dist.wrap(model, args.strategy)
+        inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+        opt_name = args.optimizer or recipe.optimizer.name
+        optimizer = runs.build_optimizer(inner, recipe, name=opt_name, lr=args.lr)
+        run_dir = runs.make_run_dir("train", args.out) if rank == 0 else None
+        if world > 1:  # every rank writes its shard of a checkpoint into rank 0's run directory
+            names = [str(run_dir) if run_dir else None]
+            torch.distributed.broadcast_object_list(names, src=0)
+            ck_dir = Path(names[0]) / "checkpoints"
+        else:
+            ck_dir = run_dir / "checkpoints"
+        config = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed,
+                             warmup_steps=min(recipe.optimizer.warmup_steps, max(1, args.steps // 5)),
+                             schedule=recipe.optimizer.schedule, eval_every=args.eval_every,
+                             eval_batches=args.eval_batches)
+        if rank == 0:
+            print(f"training {type(inner).__name__} ({sum(p.numel() for p in inner.parameters()):,} parameters) "
+                  f"under {recipe.name!r} with {opt_name} on {corpus}"
+                  + (f", {world} processes ({args.strategy})" if world > 1 else ""))
+        try:
+            result = train(model, optimizer, corpus, config, progress=not args.no_progress and rank == 0,
+                           desc=f"train {recipe.name}", checkpoint_dir=ck_dir,
+                           checkpoint_every=args.checkpoint_every, resume_from=args.resume)
+        except KeyboardInterrupt:
+            if rank == 0:
+                _report_interrupt(run_dir, ck_dir)
+            return EXIT_INTERRUPTED
+        if rank != 0:
+            return 0 if result.diverged_at is None else 1
+        state_bytes = runs.optimizer_state_bytes(optimizer)
+        if world > 1:
+            t = torch.tensor([state_bytes], dtype=torch.float64)
+            torch.distributed.all_reduce(t)
+            state_bytes = int(t.item())
+        metrics = {
+            "command": "train", "recipe": recipe.to_dict(), "recipe_source": recipe.source,
+            "optimizer": opt_name, "optimizer_state_bytes": state_bytes,
+            "parameters": sum(p.numel() for p in inner.parameters()), "world_size": world,
+            "strategy": args.strategy if world > 1 else None,
+            "config": vars(config), "data": corpus.source, "model_config": args.config, "resumed_from": args.resume,
+            "converted": report.converted if report else {}, "left_alone": report.skipped if report else {},
+            **result.to_dict(), "torch": torch.__version__,
+        }
+    finally:
+        if world > 1:
+            dist.shutdown()
     files = [runs.write_json(run_dir / "metrics.json", metrics),
-             runs.training_plot(run_dir / "loss.png", {recipe.name: result}, f"lowprec train {recipe.name}")]
-    if ckpt is not None:
-        files.append(ckpt.path)
+             runs.training_plot(run_dir / "loss.png", {recipe.name: result}, f"lowprec train {recipe.name}",
+                                start_step=result.start_step)]
+    if result.checkpoints:
+        files.append(Path(result.checkpoints[-1]))
     status = f"diverged at step {result.diverged_at}" if result.diverged_at is not None else "done"
     print(f"{status}: final validation loss {result.final_val_loss:.4f} nats/byte, "
           f"median step {result.median_step_time_s * 1e3:.0f} ms, optimizer state {state_bytes / 2**20:.2f} MiB")
@@ -234,42 +242,24 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     return 1 if result.diverged_at is not None else 0
 
 
-class _Checkpointer:
-    """Checkpoints a run every ``every`` steps so that Ctrl-C (or a crash) mid-run leaves the last
-    completed checkpoint intact and loadable.
+def _convert_quiet(model, recipe, plan):
+    from lowprec.recipes import convert
 
-    With :mod:`lowprec.checkpoint` (atomic writes, verified loads): ``RUNDIR/checkpoints/step-N.pt``
-    and a ``latest`` pointer. Without it: ``RUNDIR/checkpoint.pt`` written to a temporary name and
-    renamed into place (``os.replace`` is atomic on POSIX).
-    """
+    model, report = convert(model, recipe, plan=plan, report=True)
+    return model, recipe, report
 
-    def __init__(self, run_dir: Path, model, optimizer, every: int, data: dict[str, Any]) -> None:
-        self.model, self.optimizer, self.every, self.data = model, optimizer, every, data
-        self.last_step: int | None = None
-        self.path: Path | None = None
-        try:
-            self._lib = require("lowprec.checkpoint", "save_to_run", what="checkpoints")
-        except FeatureMissing:
-            self._lib = None
-        self.dir = run_dir / "checkpoints" if self._lib is not None else run_dir
 
-    def on_step(self, step: int, loss: float) -> None:
-        if self.every > 0 and (step + 1) % self.every == 0 and math.isfinite(loss):
-            self.save(step + 1)
-
-    def save(self, steps_done: int) -> None:
-        import torch
-
-        if self._lib is not None:
-            self.path = Path(self._lib(self.dir, self.model, self.optimizer, step=steps_done, data=self.data))
-        else:
-            path = self.dir / "checkpoint.pt"
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            torch.save({"step": steps_done, "model": self.model.state_dict(),
-                        "optimizer": self.optimizer.state_dict()}, tmp)
-            os.replace(tmp, path)
-            self.path = path
-        self.last_step = steps_done
+def _report_interrupt(run_dir: Path, ck_dir: Path) -> None:
+    latest = None
+    if ck_dir.is_dir():
+        latest = require("lowprec.checkpoint", "latest", what="checkpoints")(ck_dir)
+    if latest is not None:
+        step = int(Path(latest).name.split("-")[1].split(".")[0])
+        where = f"the last completed checkpoint (step {step}) is {latest}; continue with --resume {run_dir}"
+    else:
+        where = "no checkpoint was completed"
+    print(f"\ninterrupted by Ctrl-C; {where}", file=sys.stderr)
+    print(f"run directory: {run_dir}")
 
 
 def find_checkpoint(path: str | Path) -> Path:
@@ -277,53 +267,21 @@ def find_checkpoint(path: str | Path) -> Path:
     p = Path(path)
     if not p.exists():
         raise CLIError(f"checkpoint {str(p)!r} does not exist")
-    if p.is_dir():
-        ckdir = p / "checkpoints" if (p / "checkpoints").is_dir() else p
-        try:
-            latest = require("lowprec.checkpoint", "latest", what="checkpoint directories")(ckdir)
-        except FeatureMissing:
-            latest = None
-        if latest is not None:
-            return Path(latest)
-        if (p / "checkpoint.pt").is_file():
-            return p / "checkpoint.pt"
-        if not (p / ".metadata").exists():
-            raise CLIError(f"{str(p)!r} holds no checkpoint (no checkpoints/latest, no checkpoint.pt)")
+    if p.is_dir() and not (p / ".metadata").exists() and not (p / "lowprec_meta.json").exists():
+        latest = require("lowprec.checkpoint", "latest", what="checkpoints")
+        for d in (p / "checkpoints", p):
+            found = latest(d) if d.is_dir() else None
+            if found is not None:
+                return Path(found)
+        raise CLIError(f"{str(p)!r} holds no checkpoint (no checkpoints/latest in it)")
     return p
 
 
 def load_checkpoint(path: str | Path, model, optimizer=None) -> int:
     """Load weights (and optimizer state) from a checkpoint or run directory; returns its step."""
-    import torch
-
-    p = find_checkpoint(path)
-    try:
-        load = require("lowprec.checkpoint", "load", what="loading checkpoints")
-    except FeatureMissing:
-        load = None
-    if load is not None and (p.is_dir() or "lowprec_checkpoint" in _peek_keys(p)):
-        meta = load(p, model, optimizer, strict_recipe=False)
-        return int(meta["step"])
-    state = torch.load(p, map_location="cpu", weights_only=True)
-    model.load_state_dict(state["model"] if "model" in state else state)
-    if optimizer is not None and "optimizer" in state:
-        optimizer.load_state_dict(state["optimizer"])
-    return int(state.get("step", 0))
-
-
-def _peek_keys(p: Path) -> set[str]:
-    import torch
-
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CLIError(f"checkpoint {str(p)!r} cannot be read: {type(e).__name__}: {e}") from None
-    return set(obj) if isinstance(obj, dict) else set()
-
-
-# ----------------------------------------------------------------------------------------------
-# lowprec sensitivity
-# ----------------------------------------------------------------------------------------------
+    load = require("lowprec.checkpoint", "load", what="loading checkpoints")
+    meta = load(find_checkpoint(path), model, optimizer, strict_recipe=False)
+    return int(meta["step"])
 
 
 def _parse_bits(text: str) -> tuple[int, ...]:
@@ -586,8 +544,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=50, help="validation every N steps (default %(default)s)")
     p.add_argument("--eval-batches", type=int, default=8, help="validation batches (default %(default)s)")
     p.add_argument("--checkpoint-every", type=int, default=50, metavar="N",
-                   help="write RUNDIR/checkpoint every N steps, atomically (default %(default)s; 0: only at the end)")
+                   help="write RUNDIR/checkpoints/step-N.pt every N steps, atomically, keeping the last 2 "
+                   "(default %(default)s; 0: only at the end)")
+    p.add_argument("--resume", metavar="PATH", help="continue a run from its checkpoint (a run directory or "
+                   "checkpoint); the same options must be given (the data order depends on them)")
     p.add_argument("--nproc", type=int, default=1, metavar="N", help="processes for data-parallel training (torchrun)")
+    p.add_argument("--strategy", choices=("ddp", "fsdp"), default="ddp",
+                   help="data parallelism under torchrun: DDP or FSDP2 fully_shard (default %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_out(p, "train")
     p.set_defaults(func=cmd_train)

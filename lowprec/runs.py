@@ -159,12 +159,14 @@ def plot_bars(
     return Path(path)
 
 
-def training_plot(path: str | os.PathLike, results: Mapping[str, Any], title: str) -> Path | None:
-    """Training loss (smoothed, solid) and validation loss (dashed) of one or more ``TrainResult``."""
+def training_plot(path: str | os.PathLike, results: Mapping[str, Any], title: str, start_step: int = 0) -> Path | None:
+    """Training loss (smoothed, solid) and validation loss (dashed) of one or more ``TrainResult``
+    (``start_step``: the step a resumed run started from)."""
     curves: dict[str, tuple[list[float], list[float]]] = {}
     dashed = []
     for label, r in results.items():
-        curves[f"{label} train"] = (list(range(1, len(r.train_loss) + 1)), smooth(r.train_loss))
+        curves[f"{label} train"] = (list(range(start_step + 1, start_step + len(r.train_loss) + 1)),
+                                    smooth(r.train_loss))
         if r.val_loss:
             curves[f"{label} val"] = ([s for s, _ in r.val_loss], [v for _, v in r.val_loss])
             dashed.append(f"{label} val")

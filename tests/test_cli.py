@@ -311,3 +311,12 @@ def test_sensitivity_writes_report_and_a_plan_within_budget(tmp_path, tiny_confi
     assert sum(plan[n] * sizes[n] for n in plan) / sum(sizes.values()) <= 5 + 1e-9
     assert (out / "plan.png").read_bytes()[:8] == PNG_MAGIC
     assert (out / "sensitivity.json").is_file()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads; on a shared 2-core machine they only contend."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
