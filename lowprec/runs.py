@@ -210,7 +210,11 @@ def build_optimizer(model: nn.Module, recipe, *, name: str | None = None, lr: fl
     if cfg.factor_second_moment:
         extra["factor_second_moment"] = True
     if cfg.fp32_state_patterns:
+        # the optimizer matches these regular expressions against parameter names: give it the names
         extra["fp32_state_patterns"] = tuple(cfg.fp32_state_patterns)
+        name_of = {id(p): n for n, p in model.named_parameters()}
+        for g in groups:
+            g["param_names"] = [name_of.get(id(p), "") for p in g["params"]]
     try:
         return cls(groups, **kwargs, **extra)
     except TypeError as e:
@@ -265,77 +269,42 @@ def lm_loss_fn(model, batch):
 
 def score_and_plan(model, batches, *, method: str, bits: Sequence[int], avg_bits: float | None,
                    size_budget_bytes: int | None, run_dir: Path, progress: bool = True) -> dict[str, Any]:
-    """Score, select bits, and write ``sensitivity.json``, ``sensitivity.png``, ``plan.json``,
-    ``plan.png`` into ``run_dir``. Shared by ``lowprec sensitivity`` and the demo."""
+    """Score layers with :func:`lowprec.sensitivity.score`, choose bits with ``select_bits``, and
+    write into ``run_dir``: ``sensitivity.json`` and ``sensitivity.png`` (the report),
+    ``plan.json`` (qualified module name -> bits, what ``lowprec.convert(..., plan=)`` and
+    ``lowprec train --plan`` read), ``plan.png`` (bits per layer) and ``pareto.png`` (size against
+    total score). Shared by ``lowprec sensitivity`` and the demo."""
+    sens = require("lowprec.sensitivity", what="sensitivity scoring")
     score = require("lowprec.sensitivity", "score", what="sensitivity scoring")
     select_bits = require("lowprec.sensitivity", "select_bits", what="bit selection")
     t0 = time.perf_counter()
-    report = _call_accepting(score, model, lm_loss_fn, batches, method=method, bits=tuple(bits), progress=progress)
+    report = score(model, lm_loss_fn, batches, method=method, bits=tuple(bits), progress=progress)
     seconds = time.perf_counter() - t0
     print(report)
     budget = {"size_budget_bytes": size_budget_bytes} if size_budget_bytes is not None else {"avg_bits": avg_bits}
-    plan = select_bits(report, **budget)
-    plan_bits = _plan_dict(plan)
+    plan = {k: int(v) for k, v in select_bits(report, **budget).items()}
     files: list[Path | None] = []
-    files.append(_save_report(report, run_dir / "sensitivity.json"))
-    files.append(_plot_report(report, run_dir / "sensitivity.png"))
-    files.append(write_json(run_dir / "plan.json", {"bits": plan_bits, "method": method, **budget}))
-    names = list(plan_bits)
-    files.append(plot_bars(run_dir / "plan.png", names, [plan_bits[n] for n in names],
-                                title=f"bit plan ({method}, {_budget_text(budget)})", ylabel="bits"))
-    numel = {n: m.weight.numel() for n, m in model.named_modules() if n in plan_bits and hasattr(m, "weight")}
+    if hasattr(report, "to_json"):
+        report.to_json(run_dir / "sensitivity.json")
+        files.append(run_dir / "sensitivity.json")
+    if hasattr(report, "plot"):
+        files.append(Path(report.plot(run_dir / "sensitivity.png")))
+    files.append(write_json(run_dir / "plan.json", plan))
+    names = list(plan)
+    files.append(plot_bars(run_dir / "plan.png", names, [plan[n] for n in names],
+                           title=f"bit plan ({method}, {_budget_text(budget)})", ylabel="bits"))
+    if hasattr(sens, "pareto_frontier") and hasattr(sens, "plot_pareto") and _pyplot() is not None:
+        files.append(Path(sens.plot_pareto(sens.pareto_frontier(report), run_dir / "pareto.png",
+                                           title=f"size vs predicted loss increase ({method})")))
+    numel = {n: m.weight.numel() for n, m in model.named_modules() if n in plan and hasattr(m, "weight")}
     total = sum(numel.values())
-    mean_bits = sum(plan_bits[n] * numel[n] for n in numel) / total if total else float("nan")
-    print(f"plan: {len(plan_bits)} layers, {mean_bits:.2f} bits per weight on average "
-          f"({_budget_text(budget)}); scored with {method} in {seconds:.1f} s")
-    return {"plan": plan_bits, "files": files, "seconds": seconds, "mean_bits": mean_bits, "report": report}
+    mean_bits = sum(plan[n] * numel[n] for n in numel) / total if total else float("nan")
+    counts = {b: sum(1 for v in plan.values() if v == b) for b in sorted(set(plan.values()))}
+    print(f"plan: {len(plan)} layers, {mean_bits:.2f} bits per weight on average ({_budget_text(budget)}); "
+          f"layers per bit width {counts}; scored with {method} in {seconds:.1f} s")
+    return {"plan": plan, "files": files, "seconds": seconds, "mean_bits": mean_bits, "report": report}
 
 
 def _budget_text(budget: dict[str, Any]) -> str:
     k, v = next(iter(budget.items()))
     return f"average {v} bits" if k == "avg_bits" else f"budget {v:,} bytes"
-
-
-def _call_accepting(fn, *args, **kwargs):
-    """Call ``fn`` with the keyword arguments its signature accepts (``progress`` is optional)."""
-    import inspect as _inspect
-
-    try:
-        params = _inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return fn(*args, **kwargs)
-    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        kwargs = {k: v for k, v in kwargs.items() if k in params or k != "progress"}
-    return fn(*args, **kwargs)
-
-
-def _plan_dict(plan) -> dict[str, int]:
-    from lowprec.recipes import load_plan
-
-    if hasattr(plan, "bits") and isinstance(plan.bits, dict):
-        plan = plan.bits
-    elif hasattr(plan, "to_dict"):
-        plan = plan.to_dict()
-    return load_plan(plan)
-
-
-def _save_report(report, path: Path) -> Path | None:
-    for attr in ("save", "save_json", "to_json"):
-        fn = getattr(report, attr, None)
-        if callable(fn):
-            out = fn(path) if attr != "to_json" else None
-            if attr == "to_json":
-                text = fn()
-                path.write_text(text if isinstance(text, str) else json.dumps(text, indent=2))
-            return path if path.exists() else (Path(out) if out else None)
-    if hasattr(report, "to_dict"):
-        return write_json(path, report.to_dict())
-    return None
-
-
-def _plot_report(report, path: Path) -> Path | None:
-    fn = getattr(report, "plot", None)
-    if not callable(fn):
-        return None
-    out = fn(path)
-    return path if path.exists() else (Path(out) if out else None)
