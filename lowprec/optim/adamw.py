@@ -1,0 +1,369 @@
+"""AdamW with quantized moments: ``AdamW4bit``, ``AdamW8bit``, ``AdamWFp8``.
+
+Thin ``torch.optim.Optimizer`` shells over the pure step functions of
+:mod:`lowprec.optim.functional` (CPU, compiled with ``torch.compile`` where that pays) and the
+Triton kernel of :mod:`lowprec.kernels.adamw_step` (CUDA). State layout, per parameter
+(``optimizer.state[p]``, plain tensors only, so ``state_dict()`` loads with
+``torch.load(weights_only=True)``):
+
+* ``step``: float32 scalar tensor (as torch's AdamW).
+* float32 states (tensors below ``min_quant_size`` elements, or matched by ``fp32_state_params``
+  / ``fp32_state_patterns``): ``exp_avg``, ``exp_avg_sq`` shaped like the (local) parameter.
+* quantized m: ``exp_avg_codes`` (uint8, ``(n_blocks, B/2)`` packed 4-bit or ``(n_blocks, B)``),
+  ``exp_avg_absmax`` (float32, ``(n_blocks,)``).
+* quantized v in blocks: ``exp_avg_sq_codes``, ``exp_avg_sq_absmax`` likewise; rank-1
+  normalised v: ``exp_avg_sq_codes``, ``exp_avg_sq_row``, ``exp_avg_sq_col``; factored v (no
+  codes): ``exp_avg_sq_row``, ``exp_avg_sq_col`` (float32 EMAs of row / column means of g^2).
+
+DTensor parameters (FSDP2 ``fully_shard``): whether a tensor is quantized is decided on the
+*full* parameter's size, then each rank quantizes its local shard; states are the local shard's
+plain tensors (not DTensors), saved per rank.
+
+Non-finite gradients: a param group with any NaN/Inf gradient is skipped whole (weights, states
+and step counts untouched) and ``group["skipped_steps"]`` counts it; ``nonfinite="raise"``
+raises instead.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from lowprec.kernels.dispatch import choose_backend
+from lowprec.optim import functional as F
+from lowprec.optim.state_quant import (
+    M_DE4_B128,
+    M_DE8_B256,
+    M_E4M3_B256,
+    V_DE8U_B256,
+    V_E5M2_B256,
+    V_LINEAR4_B128,
+    StateFormat,
+    as_matrix,
+    num_blocks,
+    to_blocks,
+    zero_state,
+)
+
+# bitsandbytes and torchao keep float32 states below 4096 elements.
+DEFAULT_MIN_QUANT_SIZE = 4096
+# Name patterns for embeddings (8-bit embedding states destabilised pretraining in bitsandbytes'
+# users' reports): pass ``fp32_state_patterns=EMBEDDING_PATTERNS`` with named parameters.
+EMBEDDING_PATTERNS = (r"embed", r"\bwte\b", r"\bwpe\b")
+
+V_MODES = ("block", "rank1")
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor, or the tensor itself."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
+
+
+# ----------------------------------------------------------------------------------------------
+# Compiled CPU steps: one compiled function per step function, shared by every parameter; the
+# block count is marked dynamic, so one graph serves every size (per format and dtype).
+# ----------------------------------------------------------------------------------------------
+
+_COMPILED: dict[str, Callable[..., Any]] = {}
+_COMPILE_FAILED: set[str] = set()
+
+
+def _maybe_compiled(name: str, fn: Callable[..., Any], enabled: bool) -> Callable[..., Any]:
+    if not enabled or name in _COMPILE_FAILED:
+        return fn
+    if name not in _COMPILED:
+        _COMPILED[name] = torch.compile(fn, dynamic=False, fullgraph=True)
+    return _COMPILED[name]
+
+
+def _run(name: str, fn: Callable[..., Any], enabled: bool, dynamic_args: Iterable[torch.Tensor], *args: Any) -> None:
+    """Call ``fn(*args)`` compiled (falling back to eager, once and for all, if compiling fails)."""
+    compiled = _maybe_compiled(name, fn, enabled)
+    if compiled is fn:
+        fn(*args)
+        return
+    for t in dynamic_args:
+        torch._dynamo.maybe_mark_dynamic(t, 0)
+    try:
+        compiled(*args)
+    except Exception as e:  # compile unavailable (no C++ compiler, unsupported op...): eager from now on
+        _COMPILE_FAILED.add(name)
+        warnings.warn(f"lowprec.optim: torch.compile of {name} failed ({type(e).__name__}: {e}); "
+                      f"using the eager step", RuntimeWarning, stacklevel=3)
+        fn(*args)
+
+
+class QuantizedAdamW(Optimizer):
+    """AdamW whose moments are stored block-quantized (shared base of the three optimizers).
+
+    Args:
+        params: parameters, named parameters (``model.named_parameters()``) or param groups.
+        lr, betas, eps, weight_decay, maximize: as ``torch.optim.AdamW`` (decoupled weight decay).
+        amsgrad: not supported (raises).
+        min_quant_size: tensors with fewer elements (the *full* parameter, even when sharded) keep
+            float32 states.
+        fp32_state_params: parameters (tensors or names) that keep float32 states.
+        fp32_state_patterns: regular expressions; named parameters whose name matches keep float32
+            states (e.g. :data:`EMBEDDING_PATTERNS`).
+        nonfinite: ``"skip"`` (count in ``group["skipped_steps"]``) or ``"raise"``.
+        compile: compile the CPU step with ``torch.compile`` (``True``), or run it eagerly.
+    """
+
+    M_FORMAT: StateFormat = M_DE4_B128
+    V_FORMAT: StateFormat = V_LINEAR4_B128
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        min_quant_size: int = DEFAULT_MIN_QUANT_SIZE,
+        fp32_state_params: Iterable[torch.Tensor | str] = (),
+        fp32_state_patterns: Iterable[str] = (),
+        v_mode: str = "block",
+        factor_second_moment: bool = False,
+        nonfinite: str = "skip",
+        compile: bool = True,
+    ) -> None:
+        name = type(self).__name__
+        if amsgrad:
+            raise ValueError(f"{name}: amsgrad=True is not supported (it would need a third, quantized state)")
+        if isinstance(lr, torch.Tensor):
+            lr = float(lr)
+        if not 0.0 <= lr:
+            raise ValueError(f"{name}: invalid learning rate {lr}")
+        if not 0.0 <= eps:
+            raise ValueError(f"{name}: invalid eps {eps}")
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"{name}: betas must be two numbers in [0, 1); got {betas}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"{name}: invalid weight_decay {weight_decay}")
+        if v_mode not in V_MODES:
+            raise ValueError(f"{name}: v_mode must be one of {V_MODES}; got {v_mode!r}")
+        if nonfinite not in ("skip", "raise"):
+            raise ValueError(f"{name}: nonfinite must be 'skip' or 'raise'; got {nonfinite!r}")
+        if not isinstance(min_quant_size, int) or min_quant_size < 0:
+            raise ValueError(f"{name}: min_quant_size must be a non-negative int; got {min_quant_size!r}")
+        self._fp32_ids = {id(t) for t in fp32_state_params if isinstance(t, torch.Tensor)}
+        self._fp32_names = {t for t in fp32_state_params if isinstance(t, str)}
+        self._fp32_patterns = [re.compile(p) for p in fp32_state_patterns]
+        self.compile = bool(compile)
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=False,
+                        maximize=maximize, min_quant_size=min_quant_size, v_mode=v_mode,
+                        factor_second_moment=bool(factor_second_moment), nonfinite=nonfinite,
+                        skipped_steps=0)
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------------------------------
+    # Which tensors are quantized
+    # ------------------------------------------------------------------------------------------
+
+    def _param_name(self, group: dict[str, Any], index: int) -> str | None:
+        names = group.get("param_names")
+        return names[index] if names is not None and index < len(names) else None
+
+    def _keeps_fp32(self, p: torch.Tensor, name: str | None, group: dict[str, Any]) -> bool:
+        if p.numel() < group["min_quant_size"]:  # DTensor.numel() is the full parameter's
+            return True
+        if id(p) in self._fp32_ids:
+            return True
+        if name is not None and (name in self._fp32_names or any(r.search(name) for r in self._fp32_patterns)):
+            return True
+        return False
+
+    def _v_layout(self, p: torch.Tensor, group: dict[str, Any]) -> str:
+        """'factored', 'rank1' or 'block' for a quantized tensor."""
+        if group["factor_second_moment"] and p.dim() >= 2:
+            return "factored"
+        if group["v_mode"] == "rank1" and p.dim() >= 2:
+            return "rank1"
+        return "block"
+
+    def _init_state(self, p: torch.Tensor, name: str | None, group: dict[str, Any]) -> dict[str, Any]:
+        state = self.state[p]
+        local = _local(p)
+        dev = local.device
+        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        if self._keeps_fp32(p, name, group):
+            state["exp_avg"] = torch.zeros(local.shape, dtype=torch.float32, device=dev)
+            state["exp_avg_sq"] = torch.zeros(local.shape, dtype=torch.float32, device=dev)
+            return state
+        n = local.numel()
+        state["exp_avg_codes"], state["exp_avg_absmax"] = zero_state(n, self.M_FORMAT, dev)
+        layout = self._v_layout(local, group)
+        if layout == "block":
+            state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"] = zero_state(n, self.V_FORMAT, dev)
+        else:
+            rows, cols = as_matrix(local.shape) if local.dim() >= 2 else (0, 0)
+            if layout == "rank1":
+                state["exp_avg_sq_codes"], _ = zero_state(n, self.V_FORMAT, dev)
+            state["exp_avg_sq_row"] = torch.zeros(rows, dtype=torch.float32, device=dev)
+            state["exp_avg_sq_col"] = torch.zeros(cols, dtype=torch.float32, device=dev)
+        return state
+
+    # ------------------------------------------------------------------------------------------
+    # The step
+    # ------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_grad(p: torch.Tensor, g: torch.Tensor, where: str) -> None:
+        if g.is_sparse:
+            raise RuntimeError(f"{where}: sparse gradients are not supported (use a dense embedding or SparseAdam)")
+        if torch.is_complex(g) or torch.is_complex(p):
+            raise RuntimeError(f"{where}: complex parameters/gradients are not supported (view them as real "
+                               f"with torch.view_as_real)")
+        if not p.is_floating_point():
+            raise RuntimeError(f"{where}: parameter has non-floating dtype {p.dtype}")
+
+    @staticmethod
+    def _all_finite(grads: list[torch.Tensor]) -> bool:
+        """True when every gradient is finite. A finite sum proves it (inf/NaN propagate through a
+        sum) at the cost of one read; only a non-finite sum (or an overflow) is checked element-wise."""
+        if not grads:
+            return True
+        sums = torch.stack([g.sum(dtype=torch.float32).to(grads[0].device) for g in grads])
+        if bool(torch.isfinite(sums).all()):
+            return True
+        return all(bool(torch.isfinite(g).all()) for g in grads)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for gi, group in enumerate(self.param_groups):
+            items = []
+            for i, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                name = self._param_name(group, i)
+                where = f"{type(self).__name__} param group {gi}, parameter {name or i} (shape {tuple(p.shape)})"
+                self._check_grad(p, p.grad, where)
+                items.append((p, name, where))
+            if not items:
+                continue
+            grads = [_local(p.grad) for p, _, _ in items]
+            if not self._all_finite(grads):
+                if group["nonfinite"] == "raise":
+                    bad = [w for (p, _, w), g in zip(items, grads) if not bool(torch.isfinite(g).all())]
+                    raise FloatingPointError(f"{type(self).__name__}: non-finite gradient in {bad[0]}"
+                                             + (f" and {len(bad) - 1} more" if len(bad) > 1 else ""))
+                group["skipped_steps"] = int(group.get("skipped_steps", 0)) + 1
+                continue
+            for (p, name, _), g in zip(items, grads):
+                state = self.state[p]
+                if len(state) == 0:
+                    state = self._init_state(p, name, group)
+                self._step_param(p, g, state, group)
+        return loss
+
+    def _step_param(self, p: torch.Tensor, g: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        state["step"] += 1
+        step = int(state["step"].item())
+        beta1, beta2 = group["betas"]
+        lr = group["lr"]
+        lr = float(lr) if isinstance(lr, torch.Tensor) else lr
+        pl = _local(p)
+        if pl.numel() == 0:
+            return
+        hp = F.hyperparams(lr, beta1, beta2, group["eps"], group["weight_decay"], step, device=pl.device)
+        maximize = bool(group["maximize"])
+        if "exp_avg" in state:
+            F.adamw_fp32_(pl, g, state["exp_avg"], state["exp_avg_sq"], hp, maximize)
+            return
+        mf, vf = self.M_FORMAT, self.V_FORMAT
+        mc, ma = state["exp_avg_codes"], state["exp_avg_absmax"]
+        if "exp_avg_sq_absmax" in state:
+            self._step_blocks(pl, g, mc, ma, state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"], hp, maximize)
+        elif "exp_avg_sq_codes" in state:
+            _run("rank1", F.adamw_rank1_, False, (), pl, g, mc, ma, state["exp_avg_sq_codes"],
+                 state["exp_avg_sq_row"], state["exp_avg_sq_col"], hp, mf, vf, maximize)
+        else:
+            _run("factored", F.adamw_factored_, False, (), pl, g, mc, ma, state["exp_avg_sq_row"],
+                 state["exp_avg_sq_col"], hp, mf, maximize)
+
+    def _step_blocks(self, p: torch.Tensor, g: torch.Tensor, mc: torch.Tensor, ma: torch.Tensor,
+                     vc: torch.Tensor, va: torch.Tensor, hp: torch.Tensor, maximize: bool) -> None:
+        """Block-quantized m and v: one fused pass over ``(n_blocks, B)`` views; a parameter whose
+        size is not a multiple of B (or that is not contiguous) runs on padded copies."""
+        mf, vf = self.M_FORMAT, self.V_FORMAT
+        bs = mf.block_size
+        n = p.numel()
+        direct = p.is_contiguous() and g.is_contiguous() and n % bs == 0
+        p2 = p.view(-1, bs) if direct else to_blocks(p, bs).to(p.dtype)
+        g2 = g.view(-1, bs) if direct else to_blocks(g, bs)
+        if num_blocks(n, bs) != ma.numel():
+            raise RuntimeError(f"{type(self).__name__}: state has {ma.numel()} blocks, parameter needs "
+                               f"{num_blocks(n, bs)} (state loaded for another parameter or block size?)")
+        backend = choose_backend(p2, g2, kernel="adamw_step")
+        if backend == "triton":
+            from lowprec.kernels.adamw_step import adamw_blocks_triton_
+
+            adamw_blocks_triton_(p2, g2, mc, ma, vc, va, hp, mf, vf, maximize)
+        elif mf.packed and vf.packed and self.compile:
+            _run("blocks4", F.adamw_blocks_fast_, True, (p2, g2, mc, ma, vc, va), p2, g2, mc, ma, vc, va, hp,
+                 mf, vf, maximize)
+        else:
+            _run("blocks", F.adamw_blocks_, self.compile, (p2, g2, mc, ma, vc, va), p2, g2, mc, ma, vc, va, hp,
+                 mf, vf, maximize)
+        if not direct:
+            p.copy_(p2.reshape(-1)[:n].view(p.shape))
+
+    # ------------------------------------------------------------------------------------------
+    # Accounting
+    # ------------------------------------------------------------------------------------------
+
+    def state_nbytes(self, include_maps: bool = True) -> int:
+        """True storage of the optimizer states in bytes (codes, scales, fp32 states, step
+        counters, and the two maps once)."""
+        total = 0
+        for st in self.state.values():
+            for v in st.values():
+                if isinstance(v, torch.Tensor):
+                    total += v.numel() * v.element_size()
+        if include_maps:
+            total += self.M_FORMAT.map_nbytes() + self.V_FORMAT.map_nbytes()
+        return total
+
+    @property
+    def skipped_steps(self) -> int:
+        """Param-group steps skipped for non-finite gradients, over all groups."""
+        return sum(int(g.get("skipped_steps", 0)) for g in self.param_groups)
+
+
+class AdamW4bit(QuantizedAdamW):
+    """AdamW with 4-bit states (Li, Chen, Zhu 2023): m in the signed dynamic-exponent map, v in
+    the linear map without zero, both in blocks of 128 (v_mode="block", the measured better
+    default on the demo Llama; "rank1" is the paper's rank-1 normalisation). With
+    ``factor_second_moment=True`` 2-D+ tensors keep an Adafactor-factored float32 v instead."""
+
+    M_FORMAT = M_DE4_B128
+    V_FORMAT = V_LINEAR4_B128
+
+
+class AdamW8bit(QuantizedAdamW):
+    """AdamW with 8-bit states (bitsandbytes' dynamic maps, signed for m and unsigned for v,
+    blocks of 256)."""
+
+    M_FORMAT = M_DE8_B256
+    V_FORMAT = V_DE8U_B256
+
+
+class AdamWFp8(QuantizedAdamW):
+    """AdamW with FP8 states: m in E4M3, v in E5M2 (E4M3 flushes small v to zero: design.md),
+    each block of 256 scaled by its absmax."""
+
+    M_FORMAT = M_E4M3_B256
+    V_FORMAT = V_E5M2_B256

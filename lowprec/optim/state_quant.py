@@ -1,0 +1,324 @@
+"""Block-wise quantizers for AdamW's moments: pure functions on tensors.
+
+Every quantized state lives in *blocks* of ``block_size`` consecutive elements of the
+flattened parameter (the last block zero-padded), one float32 ``absmax`` per block and one
+code per element. A value ``x`` in a block is stored as the code of ``n = x * (1 / absmax)``
+(``n`` in [-1, 1]) and read back as ``table[code] * absmax``. The ``table`` is the state
+format's *map*:
+
+* code books from :mod:`lowprec.formats` (Li, Chen, Zhu 2023; bitsandbytes):
+  signed 4-bit dynamic exponent (DE4) for m, the linear map ``(i + 1) / 16`` that excludes
+  zero for v (the zero-point fix), the 8-bit dynamic maps (signed for m, unsigned for v).
+  Encoding picks the nearest code, ties to the lower one (``lowprec.formats.encode_codebook``'s
+  rule), computed here by a branch-free binary search over the midpoints so that the Triton
+  kernel can do exactly the same comparisons.
+* FP8 (E4M3 for m, E5M2 for v): ``code = bits(rne(clamp(n * fmt.max)))`` and
+  ``table[code] = fp8_value * fp32(1 / fmt.max)``.
+
+4-bit codes are packed two per byte in the *half-block* layout: byte ``j`` of a block holds
+element ``j`` in its low nibble and element ``j + block_size / 2`` in its high nibble. Both
+halves are then contiguous runs, which vectorise (CPU) and coalesce (GPU) without any
+interleaving shuffle; ``lowprec.formats.pack_nibbles``' even/odd layout would not.
+
+Second moment by *rank-1 normalisation* (Li et al. 2023, section 4.2): for a tensor viewed as
+``(rows, cols)`` the normaliser of element (i, j) is ``min(rowmax_i, colmax_j)``; the state is
+the two max vectors plus 4-bit codes. Kept as an option: on the demo model plain B128 blocks
+were better (see ``benchmarks/train_optim.py`` and the optimizer's docstring).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from lowprec.formats import (
+    DE4,
+    DE8,
+    DE8_UNSIGNED,
+    E4M3,
+    E5M2,
+    LINEAR4_NO_ZERO,
+    CodebookFormat,
+    FloatFormat,
+)
+
+# Smallest positive normal float32. A block whose absmax is below it is stored with absmax 0
+# (so it decodes to exact zeros even under v's map without zero) and encoded with a reciprocal
+# of 0: no inf * 0 = NaN, and no subnormal arithmetic, which costs ~100x on x86 (measured: an
+# all-"zero" initial state clamped to tiny instead made the first steps 10x slower).
+FLOAT32_TINY = float(torch.finfo(torch.float32).tiny)
+
+
+@dataclass(frozen=True)
+class StateFormat:
+    """How one moment is stored: a map (code book or FP8 format) and a block size."""
+
+    name: str
+    fmt: CodebookFormat | FloatFormat
+    block_size: int
+    # The map and midpoints as Python floats (float32 values), fixed at construction so that
+    # compiled code sees constants (reading a tensor's values inside torch.compile breaks the graph).
+    table_values: tuple[float, ...] = field(init=False, repr=False, compare=False)
+    midpoint_values: tuple[float, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.fmt, FloatFormat):
+            codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(self.fmt.dtype).float()
+            table = torch.nan_to_num(codes, nan=0.0) * (1.0 / self.fmt.max)
+            mids: tuple[float, ...] = ()
+        else:
+            table = self.fmt.table
+            mids = tuple(float(x) for x in self.fmt.midpoints)
+        if self.block_size <= 0 or self.block_size % 2:
+            raise ValueError(f"state format {self.name}: block_size must be a positive even number, got {self.block_size}")
+        object.__setattr__(self, "table_values", tuple(float(x) for x in table))
+        object.__setattr__(self, "midpoint_values", mids)
+
+    @property
+    def is_fp8(self) -> bool:
+        return isinstance(self.fmt, FloatFormat)
+
+    @property
+    def bits(self) -> int:
+        return 8 if self.is_fp8 else self.fmt.bits
+
+    @property
+    def packed(self) -> bool:
+        """Two codes per byte (4-bit maps)."""
+        return self.bits <= 4
+
+    @property
+    def codes_per_block(self) -> int:
+        """Bytes of codes per block."""
+        return self.block_size // 2 if self.packed else self.block_size
+
+    @property
+    def search_steps(self) -> int:
+        """Binary-search steps for a code book of 2**bits codes."""
+        return self.bits
+
+    def table(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The map: the normalised value each code decodes to (float32, 2**bits entries)."""
+        return _table(self, str(torch.device(device)))
+
+    def midpoints(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Decision boundaries of a code book (float32, 2**bits - 1 entries)."""
+        if self.is_fp8:
+            raise ValueError(f"state format {self.name}: FP8 states are encoded by rounding, not by midpoints")
+        return _midpoints(self, str(torch.device(device)))
+
+    def map_nbytes(self) -> int:
+        """Bytes of the map (counted once per optimizer in 'true storage' figures)."""
+        return 4 * (2**self.bits)
+
+
+@functools.cache
+def _table(sf: StateFormat, device: str) -> torch.Tensor:
+    if len(sf.table_values) != 2**sf.bits:
+        raise ValueError(f"state format {sf.name}: a {sf.bits}-bit map needs {2**sf.bits} codes, has {len(sf.table_values)}")
+    return torch.tensor(sf.table_values, dtype=torch.float32, device=device)
+
+
+@functools.cache
+def _midpoints(sf: StateFormat, device: str) -> torch.Tensor:
+    return torch.tensor(sf.midpoint_values, dtype=torch.float32, device=device)
+
+
+# The anchors' formats (design.md, "Quantized optimizer states").
+M_DE4_B128 = StateFormat("de4-b128", DE4, 128)  # Li et al. 2023: m, 4-bit signed DE, block 128
+V_LINEAR4_B128 = StateFormat("linear4-b128", LINEAR4_NO_ZERO, 128)  # v, (i+1)/16, no zero
+M_DE8_B256 = StateFormat("de8-b256", DE8, 256)  # bitsandbytes / torchao 8-bit, block 256
+V_DE8U_B256 = StateFormat("de8u-b256", DE8_UNSIGNED, 256)
+M_E4M3_B256 = StateFormat("e4m3-b256", E4M3, 256)  # FP8 m (Fishman et al. 2025: E4M3 m, E5M2 v)
+V_E5M2_B256 = StateFormat("e5m2-b256", E5M2, 256)
+
+STATE_FORMATS: dict[str, StateFormat] = {
+    f.name: f for f in (M_DE4_B128, V_LINEAR4_B128, M_DE8_B256, V_DE8U_B256, M_E4M3_B256, V_E5M2_B256)
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Layout helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def num_blocks(numel: int, block_size: int) -> int:
+    return -(-numel // block_size)
+
+
+def to_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``x`` flattened, zero-padded to whole blocks, as ``(n_blocks, block_size)`` float32 (a copy)."""
+    flat = x.detach().reshape(-1).float()
+    pad = num_blocks(flat.numel(), block_size) * block_size - flat.numel()
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    return flat.reshape(-1, block_size)
+
+
+def from_blocks(blocks: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    """Inverse of :func:`to_blocks`: drop the padding and restore ``shape``."""
+    return blocks.reshape(-1)[: math.prod(shape)].reshape(shape)
+
+
+def pack_halves(codes: torch.Tensor) -> torch.Tensor:
+    """Pack ``(n_blocks, B)`` 4-bit codes into ``(n_blocks, B/2)`` bytes: element j low, j + B/2 high."""
+    half = codes.shape[-1] // 2
+    return codes[..., :half] | (codes[..., half:] << 4)
+
+
+def unpack_halves(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_halves`: ``(n_blocks, B/2)`` bytes to ``(n_blocks, B)`` codes."""
+    return torch.cat([packed & 0x0F, packed >> 4], dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Encode / decode of normalised values
+# ----------------------------------------------------------------------------------------------
+
+
+def encode_codebook_search(n: torch.Tensor, midpoints: torch.Tensor, steps: int) -> torch.Tensor:
+    """Index of the nearest code (ties to the lower code): ``#{k : midpoints[k] < n}``.
+
+    A branch-free binary search (``steps`` = log2 of the number of codes) so the Triton kernel
+    runs the very same comparisons. Equal to ``lowprec.formats.encode_codebook`` (tested).
+    """
+    return encode_codebook_search_i32(n, midpoints, steps).to(torch.uint8)
+
+
+def encode_codebook_search_i32(n: torch.Tensor, midpoints: torch.Tensor, steps: int) -> torch.Tensor:
+    """:func:`encode_codebook_search` returning int32 (compiled code keeps codes in int32: inductor's
+    uint8 vector arithmetic measured 30-300x slower than int32 on this CPU)."""
+    idx = torch.zeros(n.shape, dtype=torch.int32, device=n.device)
+    for s in (2 ** k for k in reversed(range(steps))):
+        cand = idx + s
+        idx = torch.where(n > midpoints[cand - 1], cand, idx)
+    return idx
+
+
+def encode_fp8(n: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
+    """FP8 bits (uint8) of ``clamp(n * fmt.max)`` rounded to nearest even (torch's cast)."""
+    return (n * fmt.max).clamp(-fmt.max, fmt.max).to(fmt.dtype).view(torch.uint8)
+
+
+def encode(n: torch.Tensor, sf: StateFormat) -> torch.Tensor:
+    """Codes (uint8, unpacked) of normalised values ``n``."""
+    if sf.is_fp8:
+        return encode_fp8(n, sf.fmt)
+    return encode_codebook_search(n, sf.midpoints(n.device), sf.search_steps)
+
+
+def encode_i32(n: torch.Tensor, sf: StateFormat) -> torch.Tensor:
+    """:func:`encode` as int32 codes, written for ``torch.compile``: a 4-bit map compares against
+    its 15 midpoints as constants and counts (inductor turns a table gather into a scalar loop
+    but compares into vector instructions; same count as the binary search, so same codes)."""
+    if sf.is_fp8:
+        return encode_fp8(n, sf.fmt).to(torch.int32)
+    if sf.bits <= 4:
+        mids = sf.midpoint_values
+        out = (n > mids[0]).to(torch.int32)
+        for mid in mids[1:]:
+            out = out + (n > mid).to(torch.int32)
+        return out
+    mids = torch.tensor(sf.midpoint_values, dtype=torch.float32, device=n.device)  # a constant when compiled
+    return encode_codebook_search_i32(n, mids, sf.search_steps)
+
+
+def decode_i32(codes: torch.Tensor, sf: StateFormat) -> torch.Tensor:
+    """:func:`decode` of int32 codes, written for ``torch.compile``: a 4-bit map is a chain of
+    selects on constants (vectorised), a larger one a table gather, FP8 a cast."""
+    if sf.is_fp8:
+        return codes.to(torch.uint8).view(sf.fmt.dtype).float() * (1.0 / sf.fmt.max)
+    if sf.bits <= 4:
+        table = sf.table_values
+        out = torch.full(codes.shape, table[0], dtype=torch.float32, device=codes.device)
+        for k in range(1, len(table)):
+            out = torch.where(codes == k, table[k], out)
+        return out
+    return torch.tensor(sf.table_values, dtype=torch.float32, device=codes.device)[codes]
+
+
+def decode(codes: torch.Tensor, sf: StateFormat) -> torch.Tensor:
+    """Normalised values (float32) of unpacked codes."""
+    return sf.table(codes.device)[codes.long()]
+
+
+# ----------------------------------------------------------------------------------------------
+# Block quantization
+# ----------------------------------------------------------------------------------------------
+
+
+def flush_tiny(absmax: torch.Tensor) -> torch.Tensor:
+    """absmax with values below FLOAT32_TINY (and so all-zero blocks) set to 0."""
+    return torch.where(absmax >= FLOAT32_TINY, absmax, torch.zeros_like(absmax))
+
+
+def safe_reciprocal(absmax: torch.Tensor) -> torch.Tensor:
+    """``1 / absmax``, or 0 where absmax is 0 (then every element of the block is 0 too)."""
+    return torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))
+
+
+def block_absmax(x_blocks: torch.Tensor) -> torch.Tensor:
+    """Per-block absolute maximum (``(n_blocks,)`` float32), flushed to 0 below FLOAT32_TINY."""
+    return flush_tiny(x_blocks.abs().amax(dim=-1))
+
+
+def quantize_blocks(x_blocks: torch.Tensor, sf: StateFormat) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(codes, absmax)`` of float32 ``(n_blocks, B)`` values; 4-bit codes come packed."""
+    if x_blocks.dim() != 2 or x_blocks.shape[-1] != sf.block_size:
+        raise ValueError(f"state format {sf.name}: expected (n_blocks, {sf.block_size}) values, got {tuple(x_blocks.shape)}")
+    absmax = block_absmax(x_blocks)
+    codes = encode(x_blocks * safe_reciprocal(absmax)[:, None], sf)
+    return (pack_halves(codes) if sf.packed else codes), absmax
+
+
+def dequantize_blocks(codes: torch.Tensor, absmax: torch.Tensor, sf: StateFormat) -> torch.Tensor:
+    """float32 ``(n_blocks, B)`` values of stored codes and per-block absmax."""
+    c = unpack_halves(codes) if sf.packed else codes
+    return decode(c, sf) * absmax[:, None]
+
+
+def zero_state(numel: int, sf: StateFormat, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes and absmax that decode to a zero tensor (the initial moments), padded to whole blocks
+    (absmax 0, so even a map without zero decodes to exact zeros)."""
+    nb = num_blocks(numel, sf.block_size)
+    codes, absmax = quantize_blocks(torch.zeros(nb, sf.block_size, device=device), sf)
+    return codes.contiguous(), absmax.contiguous()
+
+
+# ----------------------------------------------------------------------------------------------
+# Rank-1 normalisation (second moment, Li et al. 2023)
+# ----------------------------------------------------------------------------------------------
+
+
+def as_matrix(shape: torch.Size | tuple[int, ...]) -> tuple[int, int]:
+    """The (rows, cols) view used by rank-1 normalisation and factorisation: first dim x rest."""
+    if len(shape) < 2:
+        raise ValueError(f"rank-1 normalisation / factorisation needs a tensor with 2+ dims; got shape {tuple(shape)}")
+    rows = int(shape[0])
+    return rows, math.prod(shape) // max(rows, 1)
+
+
+def rank1_normaliser(row_max: torch.Tensor, col_max: torch.Tensor) -> torch.Tensor:
+    """``min(row_max_i, col_max_j)`` as a (rows, cols) float32 tensor."""
+    return torch.minimum(row_max[:, None], col_max[None, :])
+
+
+def quantize_rank1(x2d: torch.Tensor, sf: StateFormat) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(codes, row_max, col_max)`` of a non-negative (rows, cols) tensor; codes in blocks of sf.block_size
+    (packed half-block layout for 4-bit), padded."""
+    a = x2d.abs().float()
+    row_max = flush_tiny(a.amax(dim=1))
+    col_max = flush_tiny(a.amax(dim=0))
+    n = a * safe_reciprocal(rank1_normaliser(row_max, col_max))
+    codes = encode(to_blocks(n, sf.block_size), sf)
+    return (pack_halves(codes) if sf.packed else codes), row_max, col_max
+
+
+def dequantize_rank1(codes: torch.Tensor, row_max: torch.Tensor, col_max: torch.Tensor, sf: StateFormat) -> torch.Tensor:
+    """float32 (rows, cols) values of rank-1 normalised codes."""
+    c = unpack_halves(codes) if sf.packed else codes
+    n = from_blocks(decode(c, sf), (row_max.numel(), col_max.numel()))
+    return n * rank1_normaliser(row_max, col_max)
