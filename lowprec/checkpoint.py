@@ -624,7 +624,7 @@ def _save_dcp(path: Path, model, optimizer, scheduler, meta: dict[str, Any]) -> 
         all_extra = [None] * world
         dist.all_gather_object(all_extra, rng_extra)
     meta["rng"] = {str(r): e for r, e in enumerate(all_extra)}
-    dcp.save(state, storage_writer=dcp.FileSystemWriter(partial))
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(partial), no_dist=world == 1)
     if world > 1:
         dist.barrier()
     if rank == 0:
@@ -742,7 +742,7 @@ def _load_dcp(path: Path, model, optimizer, scheduler, *, restore_rng: bool, str
         rng_now = rng_state()
         target["rng"] = {str(rank): {"torch": rng_now["torch"].clone(), "python": rng_now["python"]["state"].clone()}}
     try:
-        dcp.load(target, storage_reader=_safe_reader(path))
+        dcp.load(target, storage_reader=_safe_reader(path), no_dist=world == 1)
     except Exception as e:
         raise CheckpointError(f"checkpoint {str(path)!r} cannot be loaded into this model/optimizer: "
                               f"{type(e).__name__}: {e}") from e

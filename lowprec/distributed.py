@@ -115,7 +115,7 @@ def grad_divide_factor(model: nn.Module, world_size: int) -> float:
     return math.sqrt(world_size) if is_unit_scaled(model) else float(world_size)
 
 
-def _scaled_allreduce_hook(factor: float, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+def _scaled_allreduce_hook(factor, bucket):  # no annotations: DDP checks them against the real classes
     """DDP comm hook: gradient bucket / factor, then all-reduce SUM (DDP's default with a different divisor)."""
     buf = bucket.buffer()
     buf.div_(factor)
@@ -160,6 +160,8 @@ def wrap(model: nn.Module, strategy: str = "ddp") -> nn.Module:
     for m in model.modules():
         if isinstance(m, FSDPModule):
             m.set_gradient_divide_factor(factor)
+            # a custom divisor would use ReduceOp.PREMUL_SUM, which gloo lacks: SUM, then divide
+            m.set_force_sum_reduction_for_comms(True)
     return model
 
 

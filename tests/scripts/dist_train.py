@@ -33,7 +33,7 @@ def main() -> int:
     args = p.parse_args()
     out = Path(args.out)
     common = dict(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, model_overrides=SMALL,
-                  optimizer=args.optimizer, lr=args.lr, warmup_steps=2, eval_every=args.steps, eval_batches=2)
+                  optimizer=args.optimizer, lr=args.lr, warmup_steps=2, eval_every=args.steps, eval_batches=1)
     rank, size = D.init()
     assert size == 2, f"expected 2 ranks, got {size}"
     half = args.steps // 2
