@@ -303,20 +303,20 @@ def _check_scale_shape(s: torch.Tensor, x: torch.Tensor, granularity: Granularit
 def amax(x: torch.Tensor, granularity: Granularity = "tensor", block_size: int | None = None) -> torch.Tensor:
     """Absolute maximum over each group: shape () per tensor, (..., 1) per row, (..., n_blocks, 1) per block.
     NaN propagates (torch.amax does)."""
-    a = x.detach().abs().float()
+    a = x.detach().abs()
     if granularity == "tensor":
-        return a.amax() if a.numel() else torch.zeros((), device=x.device)
+        return a.amax().float() if a.numel() else torch.zeros((), device=x.device)
     if granularity == "row":
         if x.dim() == 0:
             raise ValueError("granularity 'row' needs a tensor with at least one dimension")
         if x.shape[-1] == 0:
             return torch.zeros(*x.shape[:-1], 1, device=x.device)
-        return a.amax(dim=-1, keepdim=True)
+        return a.amax(dim=-1, keepdim=True).float()
     if granularity == "block":
         n = _check_block(x, block_size)
         if x.shape[-1] == 0:
             return torch.zeros(*x.shape[:-1], 0, 1, device=x.device)
-        return a.reshape(*x.shape[:-1], x.shape[-1] // n, n).amax(dim=-1, keepdim=True)
+        return a.reshape(*x.shape[:-1], x.shape[-1] // n, n).amax(dim=-1, keepdim=True).float()
     raise ValueError(f"granularity must be 'tensor', 'row' or 'block'; got {granularity!r}")
 
 
@@ -402,10 +402,22 @@ def unpack_nibbles(packed: torch.Tensor, numel: int) -> torch.Tensor:
 
 def encode_codebook(x_scaled: torch.Tensor, fmt: CodebookFormat) -> torch.Tensor:
     """Index of the nearest code for each (already scaled) value: the number of midpoints below
-    it, so ties go to the lower code, values beyond the table go to its end codes, and NaN
-    (which bucketize orders last) goes to the largest code."""
-    mids = fmt.midpoints.to(x_scaled.device)
-    return torch.bucketize(x_scaled.float().contiguous(), mids, right=False).to(torch.uint8)
+    it (``torch.bucketize(x, midpoints)``), so ties go to the lower code, values beyond the table
+    go to its end codes, and NaN goes to the largest code.
+
+    Small tables (4-bit) count comparisons, about twice as fast on a CPU as ``torch.bucketize``,
+    which large tables use.
+    """
+    v = x_scaled.float()
+    mids = fmt.midpoints.to(v.device)
+    n = mids.numel()
+    if n <= 15:
+        idx = torch.zeros(v.shape, dtype=torch.uint8, device=v.device)
+        for m in mids.tolist():
+            idx += v > m
+    else:
+        idx = torch.bucketize(v.contiguous(), mids, right=False, out_int32=True).to(torch.uint8)
+    return idx.masked_fill_(torch.isnan(v), n)
 
 
 def quantize(
@@ -430,11 +442,12 @@ def quantize(
         _check_scale_shape(s, x, granularity, block_size)
     xs = _grouped(x.float(), granularity, block_size) * s
     if isinstance(f, FloatFormat):
-        data = xs.clamp(-f.max, f.max).to(f.dtype).reshape(x.shape)
+        data = xs.clamp_(-f.max, f.max).to(f.dtype).reshape(x.shape)
         packed = False
     elif isinstance(f, IntFormat):
-        xs = torch.nan_to_num(xs, nan=float(f.qmax))  # no NaN code: NaN goes where +inf goes
-        data = torch.round(xs).clamp(f.qmin, f.qmax).to(f.storage_dtype).reshape(x.shape)
+        # In place on the fresh product: every extra temporary costs a full pass of page faults on a CPU.
+        xs = xs.nan_to_num_(nan=float(f.qmax))  # no NaN code: NaN goes where +inf goes
+        data = xs.round_().clamp_(f.qmin, f.qmax).to(f.storage_dtype).reshape(x.shape)
         packed = False
     else:
         codes = encode_codebook(xs, f).reshape(x.shape)
