@@ -366,6 +366,8 @@ def load(
         _load_model_state(model, payload["model"], full)
         if optimizer is not None:
             _load_optimizer_state(model, optimizer, payload["optimizer"], full)
+            if not full:
+                _restore_state_dtypes(model, optimizer, payload["optimizer"]["state"])
     except (RuntimeError, KeyError, ValueError) as e:
         raise CheckpointError(f"checkpoint file {str(path)!r} does not fit the model or optimizer: {e}") from e
     if scheduler is not None:
@@ -373,6 +375,21 @@ def load(
     if restore_rng and payload["world_size"] == world:
         set_rng_state(payload["rng"])
     return {k: payload[k] for k in ("step", "recipe", "data", "extra", "world_size")}
+
+
+def _restore_state_dtypes(model: nn.Module, optimizer, saved_state: Mapping[str, Mapping[str, Any]]) -> None:
+    """Undo ``Optimizer.load_state_dict``'s cast of every non-``step`` state tensor to the parameter's
+    dtype: uint8 codes must stay codes, fp32 scales of a bf16 parameter must stay fp32."""
+    params = _params_by_name(model)
+    for fqn, st in saved_state.items():
+        p = params.get(fqn)
+        if p is None or p not in optimizer.state:
+            continue
+        live = optimizer.state[p]
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor) and not _is_dtensor(v) and isinstance(live.get(k), torch.Tensor) \
+                    and live[k].dtype != v.dtype:
+                live[k] = v.detach().clone().to(device=live[k].device)
 
 
 def _check_recipe(path: Path, saved: str, model: nn.Module, strict: bool) -> None:
@@ -564,26 +581,41 @@ def _optim_split(model: nn.Module, osd: dict[str, Any]) -> tuple[dict[str, Any],
     return tensors, objects, local
 
 
-def _wrap_local_states(model: nn.Module, tensors: dict[str, Any], local: list[str]) -> None:
-    """Rank-local state tensors of sharded parameters -> Shard(0) DTensors over the parameter's mesh."""
+def _wrap_local_states(model: nn.Module, tensors: dict[str, Any], local: list[str]) -> list[str]:
+    """Rank-local state tensors of sharded parameters -> Shard(0) DTensors over the parameter's mesh.
+
+    DCP places a Shard(0) piece by ``torch.chunk``'s rule (ceil(n / world) rows per rank), so a
+    state is wrapped only when the ranks' row counts follow that rule; then it reshards to any
+    world size (e.g. AdamW4bit's block codes of an evenly sharded weight: the blocks of the full
+    tensor, in order). Any other rank-local state is saved under a per-rank key
+    (``rank<r>/<fqn>/<state>``) and can be loaded only by the same number of ranks; those keys
+    are returned (the same list on every rank).
+    """
     from torch.distributed.tensor import DTensor, Shard
 
     if not local:
-        return
+        return []
     params = _params_by_name(model)
     shapes = {k: tuple(tensors[k].shape) for k in local}
-    gathered: list[Any] = [None] * dist.get_world_size()
+    size = dist.get_world_size()
+    gathered: list[Any] = [None] * size
     dist.all_gather_object(gathered, shapes)
+    per_rank_keys: list[str] = []
     for k in local:
         per_rank = [g[k] for g in gathered]
-        if any(s[1:] != per_rank[0][1:] for s in per_rank):
-            raise CheckpointError(f"optimizer state {k!r} has rank-local shapes {per_rank} that differ beyond dim 0; "
-                                  "it cannot be saved as one sharded tensor")
-        shape = (sum(s[0] for s in per_rank), *per_rank[0][1:])
+        total = sum(s[0] for s in per_rank)
+        chunk = -(-total // size)
+        chunked = [min(chunk, max(0, total - r * chunk)) for r in range(size)]
+        if any(s[1:] != per_rank[0][1:] for s in per_rank) or [s[0] for s in per_rank] != chunked:
+            per_rank_keys.append(k)
+            tensors[f"rank{dist.get_rank()}/{k}"] = tensors.pop(k)
+            continue
+        shape = (total, *per_rank[0][1:])
         stride = torch.empty(shape, device="meta").stride()
         mesh = params[k.rsplit("/", 1)[0]].device_mesh
         tensors[k] = DTensor.from_local(tensors[k].contiguous(), mesh, [Shard(0)], run_check=False, shape=shape,
                                         stride=stride)
+    return per_rank_keys
 
 
 def _json_default(o: Any) -> Any:
@@ -608,10 +640,10 @@ def _save_dcp(path: Path, model, optimizer, scheduler, meta: dict[str, Any]) -> 
     if optimizer is not None:
         osd = optimizer_state(model, optimizer)
         tensors, objects, local = _optim_split(model, osd)
-        if world > 1:
-            _wrap_local_states(model, tensors, local)
+        per_rank = _wrap_local_states(model, tensors, local) if world > 1 else []
         state["optim"] = tensors
-        meta["optimizer"] = {"param_groups": osd["param_groups"], "objects": objects, "rank_local": sorted(local)}
+        meta["optimizer"] = {"param_groups": osd["param_groups"], "objects": objects, "rank_local": sorted(local),
+                             "per_rank": sorted(per_rank)}
     else:
         meta["optimizer"] = None
     meta["scheduler"] = scheduler.state_dict() if scheduler is not None else None
@@ -725,10 +757,15 @@ def _load_dcp(path: Path, model, optimizer, scheduler, *, restore_rng: bool, str
         _check_optimizer_fits(path, {"param_groups": groups}, model, optimizer)
         osd = optimizer_state(model, optimizer)
         tensors, _, local = _optim_split(model, osd)
-        if world > 1:
-            _wrap_local_states(model, tensors, local)
+        per_rank = _wrap_local_states(model, tensors, local) if world > 1 else []
+        saved_per_rank = meta["optimizer"].get("per_rank", [])
+        if saved_per_rank and (meta["world_size"] != world or sorted(per_rank) != saved_per_rank):
+            raise CheckpointError(
+                f"checkpoint {str(path)!r}: {len(saved_per_rank)} optimizer states (e.g. {saved_per_rank[0]!r}) were "
+                f"saved rank-locally by {meta['world_size']} ranks in a layout that cannot be resharded; load it "
+                f"with {meta['world_size']} ranks and the same sharding (this run has {world})")
         saved_optim = {k[len("optim."):] for k in saved_shapes if k.startswith("optim.")}
-        unknown = sorted(saved_optim - set(tensors))
+        unknown = sorted(k for k in saved_optim - set(tensors) if not k.startswith("rank"))
         if unknown:
             raise CheckpointError(f"checkpoint {str(path)!r} holds optimizer states this optimizer does not have, "
                                   f"e.g. {unknown[:4]} (a different optimizer or state format?)")
@@ -751,6 +788,8 @@ def _load_dcp(path: Path, model, optimizer, scheduler, *, restore_rng: bool, str
     if optimizer is not None:
         state: dict[str, dict[str, Any]] = {}
         for key, v in target["optim"].items():
+            if key.startswith(f"rank{rank}/") and key.split("/", 1)[1] in per_rank:
+                key = key.split("/", 1)[1]
             fqn, k = key.rsplit("/", 1)
             state.setdefault(fqn, {})[k] = v.to_local() if key in local and _is_dtensor(v) else v
         for key, v in meta["optimizer"]["objects"].items():
@@ -758,6 +797,7 @@ def _load_dcp(path: Path, model, optimizer, scheduler, *, restore_rng: bool, str
             state.setdefault(fqn, {})[k] = v
         _load_optimizer_state(model, optimizer, {"state": state, "param_groups": _restore_tuples(groups, optimizer)},
                               False)
+        _restore_state_dtypes(model, optimizer, state)
     if scheduler is not None:
         scheduler.load_state_dict(meta["scheduler"])
     if "rng" in target:

@@ -170,12 +170,13 @@ def wrap(model: nn.Module, strategy: str = "ddp") -> nn.Module:
 # ----------------------------------------------------------------------------------------------
 
 
-def make_optimizer(model: nn.Module, recipe: Any | None, name: str | None = None, lr: float | None = None
-                   ) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, recipe: Any | None, name: str | None = None, lr: float | None = None,
+                   **optimizer_kwargs: Any) -> torch.optim.Optimizer:
     """The optimizer a recipe asks for (``recipe.optimizer``), over ``model``'s (possibly sharded) parameters.
 
     ``name`` overrides ``recipe.optimizer.name`` (AdamW | AdamW8bit | AdamW4bit | AdamWFp8).
     A unit-scaled model gets u-muP param groups (``lowprec.scaling.param_groups``) when available.
+    ``optimizer_kwargs`` go to a lowprec.optim optimizer (e.g. ``compile=False``).
     """
     from lowprec.recipes import OptimizerConfig
 
@@ -199,7 +200,16 @@ def make_optimizer(model: nn.Module, recipe: Any | None, name: str | None = None
     cls = getattr(lo, name, None)
     if cls is None:
         raise ValueError(f"optimizer {name!r} is not available in lowprec.optim")
-    return cls(params, **kwargs)
+    if cfg.factor_second_moment:
+        kwargs["factor_second_moment"] = True
+    if cfg.fp32_state_patterns:  # matched against parameter names: give the groups their names
+        kwargs["fp32_state_patterns"] = tuple(cfg.fp32_state_patterns)
+        if not (isinstance(params, list) and params and isinstance(params[0], dict)):
+            params = [dict(params=params)]
+        name_of = {id(p): n for n, p in inner.named_parameters()}
+        for g in params:
+            g["param_names"] = [name_of.get(id(p), "") for p in g["params"]]
+    return cls(params, **kwargs, **optimizer_kwargs)
 
 
 def run(
@@ -212,6 +222,7 @@ def run(
     seed: int = 0,
     model_overrides: dict[str, Any] | None = None,
     optimizer: str | None = None,
+    optimizer_kwargs: dict[str, Any] | None = None,
     lr: float | None = None,
     warmup_steps: int | None = None,
     schedule: str | None = None,
@@ -252,7 +263,7 @@ def run(
         if rec is not None:
             lowprec.convert(model, rec)
     model = wrap(model, strategy)
-    opt = make_optimizer(model, rec, optimizer, lr)
+    opt = make_optimizer(model, rec, optimizer, lr, **(optimizer_kwargs or {}))
     ocfg = rec.optimizer if rec is not None else None
     config = TrainConfig(
         steps=steps, batch_size=batch_size, seq_len=seq_len, seed=seed,

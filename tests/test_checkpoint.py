@@ -41,7 +41,7 @@ def _fresh(recipe: str | None = None, opt: str = "AdamW", lr: float = 3e-3):
     rec = lowprec.recipes.resolve(recipe) if recipe else None
     if rec is not None:
         lowprec.convert(model, rec)
-    return model, make_optimizer(model, rec, opt, lr)
+    return model, make_optimizer(model, rec, opt, lr, **({} if opt == "AdamW" else {"compile": False}))
 
 
 def _snapshot(model):

@@ -32,8 +32,11 @@ def main() -> int:
     p.add_argument("--from-single", default=None)
     args = p.parse_args()
     out = Path(args.out)
+    # torch.compile of the quantized step costs tens of seconds per process cold: eager here
+    okw = {"compile": False} if args.optimizer not in (None, "AdamW") else None
     common = dict(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, model_overrides=SMALL,
-                  optimizer=args.optimizer, lr=args.lr, warmup_steps=2, eval_every=args.steps, eval_batches=1)
+                  optimizer=args.optimizer, optimizer_kwargs=okw, lr=args.lr, warmup_steps=2,
+                  eval_every=args.steps, eval_batches=1)
     rank, size = D.init()
     assert size == 2, f"expected 2 ranks, got {size}"
     half = args.steps // 2
