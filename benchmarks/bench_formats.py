@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, default=1024)
     p.add_argument("--cols", type=int, default=1024)
-    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--stat", choices=["min_s", "median_s"], default="min_s",
                    help="min over the repeats by default: the least disturbed run on a busy machine")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
