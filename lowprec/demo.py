@@ -54,8 +54,13 @@ def run_demo(
     sensitivity_batches: int = 2,
     avg_bits: float = 4.0,
     progress: bool = True,
+    seq_len: int | None = None,
+    model_overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run the demo; returns the metrics it wrote (``ok``: both claims held)."""
+    """Run the demo; returns the metrics it wrote (``ok``: both claims held).
+
+    ``model_overrides`` / ``seq_len`` shrink the model for tests; the demo itself uses the
+    demo-size Llama and sequences of 128 bytes."""
     import torch
 
     from lowprec import runs
@@ -67,18 +72,20 @@ def run_demo(
     t_start = time.perf_counter()
     corpus = stdlib_corpus()
     run_dir = runs.make_run_dir("demo", out)
-    print(f"lowprec demo: {steps} steps x {batch_size} sequences of {DEMO_SEQ_LEN} bytes on {corpus}")
+    seq_len = seq_len or DEMO_SEQ_LEN
+    overrides = dict(model_overrides or {})
+    print(f"lowprec demo: {steps} steps x {batch_size} sequences of {seq_len} bytes on {corpus}")
 
     base = _baseline_recipe()
     lp = resolve(LOWPREC_RECIPE)
-    config = TrainConfig(steps=steps, batch_size=batch_size, seq_len=DEMO_SEQ_LEN, seed=seed,
+    config = TrainConfig(steps=steps, batch_size=batch_size, seq_len=seq_len, seed=seed,
                          warmup_steps=min(base.optimizer.warmup_steps, max(1, steps // 5)),
                          schedule=base.optimizer.schedule, eval_every=max(1, steps // 6))
 
     # Build both first, so a missing piece fails before any training time is spent.
-    fp32_model = demo_llama(seed=seed)
+    fp32_model = demo_llama(seed=seed, **overrides)
     fp32_opt = runs.build_optimizer(fp32_model, base, name="AdamW")
-    lp_model = convert(demo_llama(seed=seed), lp)
+    lp_model = convert(demo_llama(seed=seed, **overrides), lp)
     lp_opt = runs.build_optimizer(lp_model, lp, name=LOWPREC_OPTIMIZER)
     params = sum(p.numel() for p in fp32_model.parameters())
 
@@ -108,7 +115,7 @@ def run_demo(
     files = [runs.training_plot(run_dir / "loss_curves.png", results,
                                 f"demo Llama on stdlib text: fp32 vs {LOWPREC_RECIPE} + {LOWPREC_OPTIMIZER}")]
     metrics: dict[str, Any] = {
-        "command": "demo", "steps": steps, "batch_size": batch_size, "seq_len": DEMO_SEQ_LEN, "seed": seed,
+        "command": "demo", "steps": steps, "batch_size": batch_size, "seq_len": seq_len, "seed": seed,
         "parameters": params, "data": corpus.source, "recipe": lp.to_dict(), "baseline": base.to_dict(),
         "loss_gap": gap, "state_ratio": ratio, "loss_ok": loss_ok, "memory_ok": mem_ok,
         "runs": {k: {**v.to_dict(), "optimizer_state_bytes": b} for (k, v), b in
@@ -119,7 +126,7 @@ def run_demo(
     if sensitivity:
         print(f"\nsensitivity of the fp32-trained model ({sensitivity_method}), bits per layer at an average "
               f"of {avg_bits} bits:")
-        batches = runs.sensitivity_batches(corpus, sensitivity_batches, 8, DEMO_SEQ_LEN)
+        batches = runs.sensitivity_batches(corpus, sensitivity_batches, 8, seq_len)
         sens = runs.score_and_plan(fp32_model, batches, method=sensitivity_method, bits=(2, 3, 4, 8),
                                    avg_bits=avg_bits, size_budget_bytes=None, run_dir=run_dir, progress=progress)
         files += sens["files"]

@@ -320,3 +320,38 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.mark.skipif(not _has("lowprec.qat", "apply_plan") or not _has("lowprec.sensitivity", "select_bits"),
+                    reason="lowprec.qat / lowprec.sensitivity not in this build")
+def test_a_sensitivity_plan_feeds_train_plan(tmp_path, tiny_config, capsys):
+    plan_path = tmp_path / "plan.json"
+    plan_path.write_text(json.dumps({"model.layers.0.mlp.down_proj": 2, "model.layers.1.self_attn.q_proj": 4}))
+    out = tmp_path / "qat"
+    assert cli.main(["train", "fp32", "--config", tiny_config, "--plan", str(plan_path), "--steps", "2",
+                     "--out", str(out), *SMALL]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert {"model.layers.0.mlp.down_proj", "model.layers.1.self_attn.q_proj"} <= set(m["converted"])
+    assert all(math.isfinite(v) for v in m["train_loss"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _has("lowprec.optim", "AdamW4bit"), reason="lowprec.optim.AdamW4bit not in this build")
+def test_demo_runs_both_sides_and_writes_its_files(tmp_path, capsys):
+    """The demo's machinery on a tiny Llama and 3 steps (the real demo is `lowprec demo`)."""
+    from lowprec.demo import run_demo
+
+    tiny = {k: v for k, v in TINY_CONFIG.items() if k not in ("model_type",)}
+    m = run_demo(steps=3, batch_size=2, out=tmp_path / "demo", seq_len=32, model_overrides=tiny,
+                 sensitivity=_has("lowprec.sensitivity", "select_bits"), progress=False)
+    printed = capsys.readouterr().out
+    assert "fp32 + AdamW" in printed and "unit-fp8 + AdamW4bit" in printed and "vs fp32" in printed
+    fp32, lp = m["runs"]["fp32 + AdamW"], m["runs"]["unit-fp8 + AdamW4bit"]
+    assert len(fp32["train_loss"]) == len(lp["train_loss"]) == 3
+    assert lp["optimizer_state_bytes"] < fp32["optimizer_state_bytes"]
+    assert m["state_ratio"] == pytest.approx(fp32["optimizer_state_bytes"] / lp["optimizer_state_bytes"])
+    assert m["loss_gap"] == pytest.approx(lp["final_val_loss"] / fp32["final_val_loss"] - 1)
+    assert (tmp_path / "demo" / "loss_curves.png").read_bytes()[:8] == PNG_MAGIC
+    if "sensitivity" in m:
+        plan = json.loads((tmp_path / "demo" / "plan.json").read_text())
+        assert plan == m["sensitivity"]["plan"] and set(plan.values()) <= {2, 3, 4, 8}
