@@ -64,6 +64,7 @@ def _special_values(n: int, scale_hint: float) -> torch.Tensor:
 
 
 @pytest.mark.skipif(INTERPRETED, reason="this is the child")
+@pytest.mark.skipif(not dispatch.triton_available(), reason="triton is not installed (it is a Linux-only dependency)")
 def test_kernels_bit_exact_under_the_triton_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1", "LOWPREC_KERNELS": ""}
     proc = subprocess.run([sys.executable, "-m", "pytest", __file__, "-o", "addopts=", "-q", "-x", "-p", "no:cacheprovider"],
