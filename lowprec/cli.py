@@ -211,16 +211,17 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
             if rank == 0:
                 _report_interrupt(run_dir, ck_dir)
             return EXIT_INTERRUPTED
-        if rank != 0:
-            return 0 if result.diverged_at is None else 1
-        state_bytes = runs.optimizer_state_bytes(optimizer)
-        if world > 1:
+        state_bytes = total_state_bytes = runs.optimizer_state_bytes(optimizer)  # this rank's (its shard under FSDP)
+        if world > 1:  # a collective: every rank takes part before the non-zero ranks leave
             t = torch.tensor([state_bytes], dtype=torch.float64)
             torch.distributed.all_reduce(t)
-            state_bytes = int(t.item())
+            total_state_bytes = int(t.item())
+        if rank != 0:
+            return 0 if result.diverged_at is None else 1
         metrics = {
             "command": "train", "recipe": recipe.to_dict(), "recipe_source": recipe.source,
             "optimizer": opt_name, "optimizer_state_bytes": state_bytes,
+            "optimizer_state_bytes_all_ranks": total_state_bytes,
             "parameters": sum(p.numel() for p in inner.parameters()), "world_size": world,
             "strategy": args.strategy if world > 1 else None,
             "config": vars(config), "data": corpus.source, "model_config": args.config, "resumed_from": args.resume,
