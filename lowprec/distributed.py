@@ -132,18 +132,23 @@ def shard_units(model: nn.Module) -> list[nn.Module]:
     return units
 
 
-def wrap(model: nn.Module, strategy: str = "ddp") -> nn.Module:
+def wrap(model: nn.Module, strategy: str = "ddp", *, grad_divisor: str = "auto") -> nn.Module:
     """Put ``model`` under data parallelism: ``"ddp"``, ``"fsdp"`` (FSDP2 ``fully_shard``) or ``"none"``.
 
     Convert first (``lowprec.convert``), wrap second, and build the optimizer last (FSDP2 replaces
     parameters by sharded DTensors). In one process every strategy returns the model as it is.
+    ``grad_divisor``: ``"auto"`` (:func:`grad_divide_factor`: the one-process gradient) or
+    ``"mean"`` (the usual average over ranks; wrong by sqrt(world) for a unit-scaled model, kept
+    for comparison).
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"data-parallel strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
+    if grad_divisor not in ("auto", "mean"):
+        raise ValueError(f"grad_divisor must be 'auto' or 'mean'; got {grad_divisor!r}")
     _, size = world()
     if strategy == "none" or size == 1:
         return model
-    factor = grad_divide_factor(model, size)
+    factor = grad_divide_factor(model, size) if grad_divisor == "auto" else float(size)
     if strategy == "ddp":
         ddp = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
         if factor != size:
@@ -216,6 +221,7 @@ def run(
     recipe: str | Any | None = "unit-fp8",
     *,
     strategy: str = "ddp",
+    grad_divisor: str = "auto",
     steps: int = 20,
     batch_size: int = 16,
     seq_len: int = 128,
@@ -262,7 +268,7 @@ def run(
                 raise
         if rec is not None:
             lowprec.convert(model, rec)
-    model = wrap(model, strategy)
+    model = wrap(model, strategy, grad_divisor=grad_divisor)
     opt = make_optimizer(model, rec, optimizer, lr, **(optimizer_kwargs or {}))
     ocfg = rec.optimizer if rec is not None else None
     config = TrainConfig(
@@ -277,6 +283,7 @@ def run(
                    checkpoint_format=checkpoint_format, resume_from=resume_from, stop_after=stop_after)
     if out_json is not None and rank == 0:
         out = dict(result.to_dict(), recipe=getattr(rec, "name", "fp32"), world_size=size, strategy=strategy,
+                   grad_divisor=grad_divisor,
                    optimizer=type(opt).__name__, config=config.__dict__)
         Path(out_json).parent.mkdir(parents=True, exist_ok=True)
         Path(out_json).write_text(json.dumps(out, indent=1))

@@ -126,6 +126,7 @@ class TrainResult:
     val_loss: list[tuple[int, float]] = field(default_factory=list)  # (step, loss)
     step_time_s: list[float] = field(default_factory=list)
     diverged_at: int | None = None
+    grad_norm: list[float] = field(default_factory=list)  # total gradient norm before clipping, per step
     start_step: int = 0  # > 0 when the run resumed from a checkpoint: train_loss[i] is step start_step + i
     checkpoints: list[str] = field(default_factory=list)  # paths written, oldest first
 
@@ -142,6 +143,7 @@ class TrainResult:
         return dict(train_loss=self.train_loss, val_loss=self.val_loss, step_time_s=self.step_time_s,
                     diverged_at=self.diverged_at, final_val_loss=self.final_val_loss,
                     median_step_time_s=self.median_step_time_s, start_step=self.start_step,
+                    grad_norm=self.grad_norm,
                     checkpoints=self.checkpoints)
 
 
@@ -207,7 +209,9 @@ def train(
         loss = lm_loss(model, x, y)
         loss.backward()
         if config.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            full = getattr(norm, "full_tensor", None)  # FSDP2: a DTensor
+            result.grad_norm.append(float(full() if callable(full) else norm))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         sched.step()
