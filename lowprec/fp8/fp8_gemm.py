@@ -45,6 +45,13 @@ FP8_DIM_MULTIPLE = 16
 _SMOOTH_AMAX_CAP = 2.0**100  # keeps 1/amax a normal float32, so its power-of-two floor is > 0
 
 
+def tensor_amax(t: torch.Tensor) -> torch.Tensor:
+    """``max |t|`` as float32 in one pass (NaN propagates, an empty tensor gives 0)."""
+    if t.numel() == 0:
+        return torch.zeros((), device=t.device)
+    return torch.linalg.vector_norm(t.detach(), float("inf")).float()
+
+
 def fp8_eligible(in_features: int, out_features: int) -> bool:
     """Whether a linear layer's dimensions allow FP8 GEMMs (both multiples of 16)."""
     return in_features % FP8_DIM_MULTIPLE == 0 and out_features % FP8_DIM_MULTIPLE == 0
@@ -224,7 +231,7 @@ class Fp8Gemm(nn.Module):
         delayed = kind == "delayed"
         update = self.training or not delayed
         if not delayed or not bool(self.initialized[role]):
-            amax = all_reduce_amax(t.detach().abs().float().amax(), self.group)
+            amax = all_reduce_amax(tensor_amax(t), self.group)
             self._note_amax(amax, role)
             s, kept = next_scale(amax, self.scale[role], fmt.max, self.scaling.margin)
             q, qt, _ = cast_transpose(t, s, fmt, transpose)

@@ -73,7 +73,9 @@ def enable_smooth_swiglu(model: nn.Module, report=None) -> list[str]:
         gemm = getattr(mlp.down_proj, "gemm", None)
         if not isinstance(gemm, Fp8Gemm):
             if report is not None and down_name not in report.converted:
-                report.skip(down_name, "Smooth-SwiGLU not applied: down_proj has no FP8 GEMM")
+                why = report.skipped.get(down_name)
+                note = "Smooth-SwiGLU not applied: down_proj has no FP8 GEMM"
+                report.skip(down_name, f"{why}; {note}" if why else note)
             continue
         gemm.smooth = True
         done.append(down_name)
