@@ -1,0 +1,139 @@
+"""Quantization-aware training (QAT): apply a per-layer bit plan as fake-quantized weights.
+
+A *plan* maps a module's qualified name to a bit width (``{"layers.0.mlp.down_proj": 3, ...}``),
+as :func:`lowprec.sensitivity.select_bits` returns it and :func:`lowprec.recipes.load_plan`
+reads it. :func:`apply_plan` registers a :class:`IntWeightFakeQuant` parametrization on each
+planned module's ``weight`` (``torch.nn.utils.parametrize``), so every read of ``module.weight``
+returns the weight rounded to symmetric per-output-channel INT-k, and the gradient passes
+straight through to the full-precision weight (the straight-through estimator, STE).
+
+Because it acts on the ``weight`` attribute and not on the module's forward, it composes with
+any linear-like layer that reads ``self.weight``: ``nn.Linear``, :class:`~lowprec.fp8.linear.LowPrecisionLinear`
+(whose GEMM backend then casts the already-rounded weight to FP8/BF16), unit-scaled linears and
+convolutions alike.
+
+The weight quantizer, :func:`fake_quant_weight`, is the one the sensitivity scorers use, so a
+layer is trained with exactly the rounding it was scored with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from lowprec.formats import fake_quantize, int_format
+
+
+def check_bits(bits: Any, where: str = "bits") -> int:
+    """A bit width the format layer supports (``lowprec.formats.int_format``: 2..16), else a ValueError."""
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        raise ValueError(f"{where}: a bit width must be an integer, got {type(bits).__name__} {bits!r}")
+    try:
+        int_format(bits)
+    except ValueError as e:
+        raise ValueError(f"{where}: bit width {bits} is not supported by lowprec.formats ({e})") from None
+    return bits
+
+
+def fake_quant_weight(weight: torch.Tensor, bits: int) -> torch.Tensor:
+    """``weight`` rounded to symmetric per-output-channel INT-``bits`` and back (no gradient).
+
+    Output channels are dim 0 (``nn.Linear``'s ``(out, in)``, a convolution's ``(out, in, *k)``);
+    each gets its own scale ``qmax / amax`` over the rest of the tensor, round half to even.
+    """
+    if weight.dim() < 2:
+        raise ValueError(f"per-output-channel quantization needs a weight with 2 or more dims; got shape {tuple(weight.shape)}")
+    w = weight.detach()
+    flat = w.reshape(w.shape[0], -1)
+    return fake_quantize(flat, int_format(bits), None, "row").reshape(w.shape)
+
+
+class IntWeightFakeQuant(nn.Module):
+    """Parametrization: ``W -> W + (Q_b(W) - W).detach()`` (value Q_b(W), gradient identity)."""
+
+    def __init__(self, bits: int) -> None:
+        super().__init__()
+        self.bits = check_bits(bits)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        q = fake_quant_weight(weight, self.bits).to(weight.dtype)
+        return weight + (q - weight).detach()
+
+    def extra_repr(self) -> str:
+        return f"int{self.bits}, per-output-channel, straight-through"
+
+
+def _existing(module: nn.Module) -> IntWeightFakeQuant | None:
+    if not parametrize.is_parametrized(module, "weight"):
+        return None
+    for p in module.parametrizations["weight"]:
+        if isinstance(p, IntWeightFakeQuant):
+            return p
+    return None
+
+
+def planned_bits(module: nn.Module) -> int | None:
+    """The QAT bit width applied to ``module``'s weight, or None."""
+    p = _existing(module)
+    return None if p is None else p.bits
+
+
+def apply_plan(model: nn.Module, plan: Mapping[str, int], recipe: Any = None, report: Any = None) -> nn.Module:
+    """Fake-quantize each planned module's weight at its planned bits (in place; returns ``model``).
+
+    ``plan``: qualified module name -> bits. Every name must exist in ``model`` and name a module
+    with a weight of 2 or more dimensions; all problems are reported together before anything
+    is changed. A module planned twice gets the new bit width (no stacked rounding). Modules the
+    recipe excludes (``[exclude] patterns``) are left alone and reported as skipped.
+    ``report`` is a :class:`lowprec.recipes.ConversionReport` (``add``/``skip``), or None.
+    """
+    if not isinstance(plan, Mapping):
+        raise TypeError(f"a plan maps qualified module names to bit widths; got {type(plan).__name__}")
+    qformat = getattr(getattr(recipe, "qat", None), "format", "int")
+    if qformat != "int":
+        raise ValueError(f"recipe qat.format {qformat!r} is not supported; only 'int' (symmetric per-output-channel INT-k)")
+    modules = dict(model.named_modules())
+    unknown = [n for n in plan if n not in modules or n == ""]
+    if unknown:
+        raise KeyError(f"plan names modules that the model does not have: {', '.join(map(repr, unknown))}")
+    problems = []
+    for name, bits in plan.items():
+        try:
+            check_bits(bits, where=f"plan[{name!r}]")
+        except ValueError as e:
+            problems.append(str(e))
+            continue
+        w = getattr(modules[name], "weight", None)
+        if not isinstance(w, torch.Tensor) or w.dim() < 2:
+            shape = None if not isinstance(w, torch.Tensor) else tuple(w.shape)
+            problems.append(f"plan[{name!r}]: module {type(modules[name]).__name__} has no weight with 2+ dims (weight shape {shape})")
+    if problems:
+        raise ValueError("cannot apply the plan: " + "; ".join(problems))
+    for name, bits in plan.items():
+        module = modules[name]
+        if recipe is not None and hasattr(recipe, "excluded") and recipe.excluded(name):
+            if report is not None:
+                report.skip(name, "excluded by the recipe's [exclude] patterns (QAT plan not applied)")
+            continue
+        existing = _existing(module)
+        if existing is not None:
+            existing.bits = bits
+        else:
+            parametrize.register_parametrization(module, "weight", IntWeightFakeQuant(bits))
+        if report is not None:
+            prev = getattr(report, "converted", {}).get(name)
+            what = f"QAT fake-quant int{bits} per-output-channel (STE)"
+            report.add(name, f"{prev} + {what}" if prev and "QAT" not in prev else what)
+    return model
+
+
+def remove_plan(model: nn.Module) -> nn.Module:
+    """Undo :func:`apply_plan`: bake nothing, restore the full-precision weights as plain parameters."""
+    for _, module in model.named_modules():
+        if _existing(module) is not None:
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+    return model
