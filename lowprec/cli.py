@@ -372,16 +372,22 @@ def cmd_inspect(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
         "command": "inspect", "recipe": recipe.name if recipe else None, "forward_format": fwd,
         "backward_format": bwd, "scaling": scaling, "rows": table})]
     files.append(numerics.plot_rows(table, run_dir / "numerics.png", title=title))
-    # The unit-scaling op table (lowprec.inspect, issue 3), when present.
+    # Every op's output and input-gradient std (lowprec.inspect): what unit scaling is judged by.
     try:
         ins = require("lowprec.inspect", "inspect", what="the per-op std table")
     except FeatureMissing as e:
         print(f"(per-op table skipped: {e})")
     else:
-        op_table = ins(model, batch)
-        print(op_table)
-        (run_dir / "ops.txt").write_text(str(op_table) + "\n")
+        op_report = ins(model, batch, formats=tuple(dict.fromkeys((fwd, bwd))))
+        (run_dir / "ops.txt").write_text(str(op_report) + "\n")
         files.append(run_dir / "ops.txt")
+        if hasattr(op_report, "save_json"):
+            files.append(Path(op_report.save_json(run_dir / "ops.json")))
+        if args.all_ops:
+            print(op_report)
+        else:
+            summary = op_report.summary() if hasattr(op_report, "summary") else ""
+            print(f"\nevery op (unscaled casts; full table in {run_dir / 'ops.txt'}, or --all-ops):\n{summary}")
     _finish(run_dir, files)
     return 0
 
@@ -588,6 +594,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", help="forward format override (e4m3, e5m2, fp16, bf16)")
     p.add_argument("--grad-format", help="gradient format override (default: the recipe's backward format)")
     p.add_argument("--scaling", choices=("none", "current", "rowwise", "blockwise"), help="scaling override")
+    p.add_argument("--all-ops", action="store_true", help="also print every op's table (std of outputs and "
+                   "input gradients, saturation with scale 1); it is always written to RUNDIR/ops.txt")
     _add_out(p, "inspect")
     p.set_defaults(func=cmd_inspect)
 

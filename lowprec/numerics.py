@@ -136,21 +136,26 @@ def numerics_table(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], *
             p.grad = g
     rows = []
     for name, m in layers:
+        # cast: the layer's matmul really runs through a low-precision backend (else: a what-if)
+        cast = getattr(m, "gemm", None) is not None
         for tensor, what, fmt in (("input", inputs.get(name), forward_format), ("weight", m.weight, forward_format),
                                   ("grad_output", grads.get(name), backward_format)):
             if what is None:
                 continue
-            rows.append({"layer": name, "tensor": tensor, "format": fmt, **tensor_stats(what, fmt, scaling)})
+            rows.append({"layer": name, "tensor": tensor, "format": fmt, "cast": cast,
+                         **tensor_stats(what, fmt, scaling)})
     return rows
 
 
 def format_rows(rows: Sequence[dict[str, Any]]) -> str:
     """The table as text: one line per (layer, tensor), fractions in percent."""
-    head = f"{'layer':<36} {'tensor':<12} {'format':<6} {'std':>9} {'amax':>9} {'saturated':>10} {'underflow':>10}"
+    head = (f"{'layer':<36} {'tensor':<12} {'format':<6} {'cast':<4} {'std':>9} {'amax':>9} {'saturated':>10} "
+            f"{'underflow':>10}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['layer']:<36} {r['tensor']:<12} {r['format']:<6} {r['std']:>9.3g} {r['amax']:>9.3g} "
-                     f"{100 * r['saturated']:>9.2f}% {100 * r['underflowed']:>9.2f}%")
+        lines.append(f"{r['layer']:<36} {r['tensor']:<12} {r['format']:<6} {'yes' if r.get('cast') else 'no':<4} "
+                     f"{r['std']:>9.3g} {r['amax']:>9.3g} {100 * r['saturated']:>9.2f}% {100 * r['underflowed']:>9.2f}%")
+    lines.append("cast: whether the layer's matmul runs in low precision under this recipe (no: a what-if)")
     worst_sat = max(rows, key=lambda r: r["saturated"])
     worst_und = max(rows, key=lambda r: r["underflowed"])
     lines.append(f"most saturated: {worst_sat['layer']} {worst_sat['tensor']} ({100 * worst_sat['saturated']:.2f}%); "
