@@ -360,14 +360,17 @@ def load(
     _check_model_fits(path, payload["model"], model)
     _, world = _world()
     full = world > 1  # a one-process file loaded into ranks: shard the full tensors
+    osd = None
     if optimizer is not None:
         _check_optimizer_fits(path, payload["optimizer"], model, optimizer)
+        osd = payload["optimizer"]
+        if full:
+            osd = _shard_full_optimizer_state(path, model, optimizer, osd)
     try:
         _load_model_state(model, payload["model"], full)
         if optimizer is not None:
-            _load_optimizer_state(model, optimizer, payload["optimizer"], full)
-            if not full:
-                _restore_state_dtypes(model, optimizer, payload["optimizer"]["state"])
+            _load_optimizer_state(model, optimizer, osd, False)
+            _restore_state_dtypes(model, optimizer, osd["state"])
     except (RuntimeError, KeyError, ValueError) as e:
         raise CheckpointError(f"checkpoint file {str(path)!r} does not fit the model or optimizer: {e}") from e
     if scheduler is not None:
@@ -375,6 +378,42 @@ def load(
     if restore_rng and payload["world_size"] == world:
         set_rng_state(payload["rng"])
     return {k: payload[k] for k in ("step", "recipe", "data", "extra", "world_size")}
+
+
+def _shard_full_optimizer_state(path: Path, model: nn.Module, optimizer, saved: Mapping[str, Any]) -> dict[str, Any]:
+    """A one-process optimizer state cut into this rank's pieces (for FSDP2 DTensor parameters).
+
+    Each state tensor of a sharded parameter is cut along dim 0 by ``torch.chunk``'s rule, as the
+    parameter is: exact for states shaped like the parameter and for block-quantized states of an
+    evenly sharded parameter (the blocks of the full tensor, in order). A piece whose shape is not
+    the shape this rank's optimizer keeps raises a CheckpointError (nothing is loaded)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    params = _params_by_name(model)
+    live = optimizer_state(model, optimizer)["state"]  # this rank's layout (initialised if empty)
+    rank, size = _world()
+    out: dict[str, dict[str, Any]] = {}
+    for fqn, st in saved["state"].items():
+        p = params.get(fqn)
+        out[fqn] = {}
+        for k, v in st.items():
+            if not (isinstance(v, torch.Tensor) and p is not None and _is_dtensor(p) and v.dim() >= 1):
+                out[fqn][k] = v
+                continue
+            target = live.get(fqn, {}).get(k)
+            if isinstance(target, DTensor):
+                out[fqn][k] = distribute_tensor(v, target.device_mesh, target.placements)
+                continue
+            chunk = -(-v.shape[0] // size)
+            piece = v[rank * chunk : (rank + 1) * chunk]
+            if target is None or tuple(piece.shape) != tuple(target.shape):
+                raise CheckpointError(
+                    f"checkpoint {str(path)!r}: optimizer state {fqn}/{k} of shape {tuple(v.shape)} cannot be cut "
+                    f"into this rank's piece (rank {rank} of {size} keeps shape "
+                    f"{None if target is None else tuple(target.shape)}); save it as a DCP checkpoint with the "
+                    "same layout, or use an optimizer state layout that shards by rows")
+            out[fqn][k] = piece.clone()
+    return {"state": out, "param_groups": saved["param_groups"]}
 
 
 def _restore_state_dtypes(model: nn.Module, optimizer, saved_state: Mapping[str, Mapping[str, Any]]) -> None:

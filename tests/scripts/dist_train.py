@@ -4,7 +4,8 @@ Runs, on a small Llama, the same recipe four ways and writes each rank-0 result 
   ddp.json             DDP, STEPS steps
   fsdp.json            FSDP2, STEPS steps, DCP checkpoints every STEPS/2 steps in OUT/fsdp_ckpt
   fsdp_resumed.json    FSDP2 resumed from the half-way checkpoint of fsdp.json's run, to STEPS
-  fsdp_from_single.json  FSDP2 resumed from a checkpoint written by ONE process (--from-single)
+  fsdp_from_single.json  FSDP2 resumed from a DCP checkpoint written by ONE process (--from-single)
+  fsdp_from_file.json    FSDP2 resumed from a one-file checkpoint of ONE process (--from-file)
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ def main() -> int:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--out", required=True)
     p.add_argument("--from-single", default=None)
+    p.add_argument("--from-file", default=None)
     args = p.parse_args()
     out = Path(args.out)
     # torch.compile of the quantized step costs tens of seconds per process cold: eager here
@@ -47,6 +49,9 @@ def main() -> int:
           resume_from=out / "fsdp_ckpt" / f"step-{half:07d}", **common)
     if args.from_single:
         D.run(args.recipe, strategy="fsdp", out_json=out / "fsdp_from_single.json", resume_from=args.from_single,
+              **common)
+    if args.from_file:
+        D.run(args.recipe, strategy="fsdp", out_json=out / "fsdp_from_file.json", resume_from=args.from_file,
               **common)
     if rank == 0:
         (out / "done.json").write_text(json.dumps({"world_size": size}))
