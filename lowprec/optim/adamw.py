@@ -321,6 +321,24 @@ class QuantizedAdamW(Optimizer):
         if not direct:
             p.copy_(p2.reshape(-1)[:n].view(p.shape))
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's loader casts every floating-point state to the parameter's dtype (and would turn
+        uint8 codes into floats and float32 absmax into bf16): restore the saved tensors as saved."""
+        super().load_state_dict(state_dict)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for pid, p in zip(saved_ids, params):
+            st = state_dict["state"].get(pid)
+            if st is None:
+                continue
+            for key, value in st.items():
+                if isinstance(value, torch.Tensor) and key != "step":
+                    self.state[p][key] = value.to(device=_local(p).device, copy=True)
+            codes = self.state[p].get("exp_avg_codes")
+            if codes is not None and codes.dtype != torch.uint8:
+                raise ValueError(f"{type(self).__name__}.load_state_dict: exp_avg_codes of parameter {pid} "
+                                 f"has dtype {codes.dtype}; expected uint8")
+
     # ------------------------------------------------------------------------------------------
     # Accounting
     # ------------------------------------------------------------------------------------------

@@ -179,6 +179,14 @@ def unpack_halves(packed: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
+def _lookup(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``table[idx]`` via index_select: advanced indexing of a small table measured ~2000x slower
+    on this CPU (torch 2.13)."""
+    if idx.dtype not in (torch.int32, torch.int64):
+        idx = idx.to(torch.int32)
+    return table.index_select(0, idx.reshape(-1)).view(idx.shape)
+
+
 def encode_codebook_search(n: torch.Tensor, midpoints: torch.Tensor, steps: int) -> torch.Tensor:
     """Index of the nearest code (ties to the lower code): ``#{k : midpoints[k] < n}``.
 
@@ -194,7 +202,7 @@ def encode_codebook_search_i32(n: torch.Tensor, midpoints: torch.Tensor, steps: 
     idx = torch.zeros(n.shape, dtype=torch.int32, device=n.device)
     for s in (2 ** k for k in reversed(range(steps))):
         cand = idx + s
-        idx = torch.where(n > midpoints[cand - 1], cand, idx)
+        idx = torch.where(n > _lookup(midpoints, cand - 1), cand, idx)
     return idx
 
 
@@ -237,12 +245,12 @@ def decode_i32(codes: torch.Tensor, sf: StateFormat) -> torch.Tensor:
         for k in range(1, len(table)):
             out = torch.where(codes == k, table[k], out)
         return out
-    return torch.tensor(sf.table_values, dtype=torch.float32, device=codes.device)[codes]
+    return _lookup(torch.tensor(sf.table_values, dtype=torch.float32, device=codes.device), codes)
 
 
 def decode(codes: torch.Tensor, sf: StateFormat) -> torch.Tensor:
     """Normalised values (float32) of unpacked codes."""
-    return sf.table(codes.device)[codes.long()]
+    return _lookup(sf.table(codes.device), codes)
 
 
 # ----------------------------------------------------------------------------------------------
