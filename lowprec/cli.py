@@ -206,7 +206,8 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
         try:
             result = train(model, optimizer, corpus, config, progress=not args.no_progress and rank == 0,
                            desc=f"train {recipe.name}", checkpoint_dir=ck_dir,
-                           checkpoint_every=args.checkpoint_every, resume_from=args.resume)
+                           checkpoint_every=args.checkpoint_every,
+                           resume_from=find_checkpoint(args.resume) if args.resume else None)
         except KeyboardInterrupt:
             if rank == 0:
                 _report_interrupt(run_dir, ck_dir)

@@ -130,13 +130,11 @@ def test_train_writes_metrics_plot_and_a_loadable_checkpoint(tmp_path, tiny_conf
     assert val == pytest.approx(m["final_val_loss"], rel=1e-6)
 
 
-class _StopTraining(Exception):
-    pass
-
-
-def test_ctrl_c_leaves_the_last_completed_checkpoint(tmp_path, tiny_config, text_file, monkeypatch, capsys):
-    """Ctrl-C during step 6 of 10 (checkpoints every 2 steps): exit status 130, and the step-4
-    checkpoint loads (``weights_only``) and equals, bit for bit, an uninterrupted run stopped after 4 steps."""
+def test_ctrl_c_leaves_the_last_completed_checkpoint_and_resume_continues_exactly(
+        tmp_path, tiny_config, text_file, monkeypatch, capsys):
+    """Ctrl-C during step 6 of 10 (checkpoints every 2 steps): exit status 130 and a step-4
+    checkpoint that loads with ``weights_only``; ``--resume`` from it then ends bit-identical to
+    an uninterrupted run, with the same losses for steps 5 to 10."""
     real_build = runs.build_optimizer
 
     def build_interrupting(*args, **kwargs):
@@ -153,35 +151,30 @@ def test_ctrl_c_leaves_the_last_completed_checkpoint(tmp_path, tiny_config, text
         opt.step = types.MethodType(step, opt)  # a bound method, as LR schedulers expect
         return opt
 
+    common = ["fp32", "--config", tiny_config, "--data", text_file, "--steps", "10", "--eval-every", "5",
+              "--checkpoint-every", "2", *SMALL]
     monkeypatch.setattr(runs, "build_optimizer", build_interrupting)
-    out = tmp_path / "run"
-    rc = cli.main(["train", "fp32", "--config", tiny_config, "--data", text_file, "--steps", "10",
-                   "--eval-every", "100", "--checkpoint-every", "2", "--out", str(out), *SMALL])
-    assert rc == cli.EXIT_INTERRUPTED
+    stopped = tmp_path / "stopped"
+    assert cli.main(["train", *common, "--out", str(stopped)]) == cli.EXIT_INTERRUPTED
     assert "last completed checkpoint (step 4)" in capsys.readouterr().err
-    ckpt = cli.find_checkpoint(out)
+    ckpt = cli.find_checkpoint(stopped)
     torch.load(ckpt, map_location="cpu", weights_only=True)  # loads safely
-    interrupted, _ = _fresh(tiny_config)
-    assert cli.load_checkpoint(out, interrupted) == 4
+    model, _ = _fresh(tiny_config)
+    assert cli.load_checkpoint(stopped, model) == 4
     monkeypatch.setattr(runs, "build_optimizer", real_build)
 
-    # The same run, uninterrupted, through the library: stop it after its 4th step.
-    from lowprec.data import text_file_corpus
-    from lowprec.training import TrainConfig, train
-
-    ref, recipe = _fresh(tiny_config)
-    opt = runs.build_optimizer(ref, recipe)
-
-    def stop(step, loss):
-        if step + 1 == 4:
-            raise _StopTraining
-
-    with pytest.raises(_StopTraining):
-        train(ref, opt, text_file_corpus(text_file),
-              TrainConfig(steps=10, batch_size=4, seq_len=32, warmup_steps=min(20, 10 // 5), eval_every=100),
-              on_step=stop)
-    for (name, a), b in zip(ref.named_parameters(), interrupted.parameters()):
-        assert torch.equal(a, b), name
+    assert cli.main(["train", *common, "--resume", str(stopped)]) == 0
+    whole = tmp_path / "whole"
+    assert cli.main(["train", *common, "--out", str(whole)]) == 0
+    resumed_m = json.loads((stopped / "metrics.json").read_text())
+    whole_m = json.loads((whole / "metrics.json").read_text())
+    assert resumed_m["start_step"] == 4
+    assert resumed_m["train_loss"] == whole_m["train_loss"][4:]
+    a, _ = _fresh(tiny_config)
+    b, _ = _fresh(tiny_config)
+    assert cli.load_checkpoint(stopped, a) == cli.load_checkpoint(whole, b) == 10
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(pa, pb), name
 
 
 def test_missing_data_file_error_names_the_path(tmp_path, capsys):
