@@ -409,7 +409,13 @@ def benchmarks_dir() -> Path:
 
 
 def list_benchmarks() -> dict[str, Path]:
-    return {p.stem.removeprefix("bench_"): p for p in sorted(benchmarks_dir().glob("bench_*.py"))}
+    """Every script in benchmarks/ by short name: ``bench_optim.py`` is ``optim``; other scripts
+    (training comparisons such as ``train_fp8.py``) keep their stem. ``common.py`` is a helper."""
+    out = {}
+    for p in sorted(benchmarks_dir().glob("*.py")):
+        if p.stem not in ("common", "__init__") and not p.stem.startswith("_"):
+            out[p.stem.removeprefix("bench_")] = p
+    return out
 
 
 def cmd_bench(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
@@ -417,12 +423,17 @@ def cmd_bench(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
 
     found = list_benchmarks()
     if args.list or not found:
-        print("benchmarks:" if found else f"no benchmarks in {benchmarks_dir()}")
-        for name, path in found.items():
-            doc = _first_doc_line(path)
-            print(f"  {name:<16} {doc}")
+        if not found:
+            print(f"no benchmarks in {benchmarks_dir()}")
+        for title, group in (("benchmarks (run by default, as `make bench` does):", True),
+                             ("other scripts (run by name; longer training comparisons):", False)):
+            names = [n for n, p in found.items() if p.stem.startswith("bench_") == group]
+            if names:
+                print(title)
+                for name in names:
+                    print(f"  {name:<24} {_first_doc_line(found[name])}")
         return 0
-    names = args.names or list(found)
+    names = args.names or [n for n, p in found.items() if p.stem.startswith("bench_")]
     unknown = [n for n in names if n.removeprefix("bench_") not in found]
     if unknown:
         raise CLIError(f"unknown benchmark {', '.join(map(repr, unknown))}; available: {', '.join(found)}")
@@ -452,7 +463,10 @@ def _first_doc_line(path: Path) -> str:
         doc = ast.get_docstring(ast.parse(path.read_text()))
     except SyntaxError:
         return ""
-    return (doc or "").strip().splitlines()[0] if doc else ""
+    if not doc:
+        return ""
+    first = " ".join(doc.strip().split("\n\n")[0].split())  # the first paragraph, on one line
+    return first if len(first) <= 100 else first[:97].rsplit(" ", 1)[0] + " ..."
 
 
 def cmd_recipes(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
@@ -600,9 +614,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_out(p, "inspect")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("bench", help="run the benchmarks (benchmarks/bench_*.py)",
-                       description="Run the named benchmarks (all by default); each prints its table and writes "
-                                   "its JSON into the run directory.")
+    p = sub.add_parser("bench", help="run the benchmarks (benchmarks/*.py)",
+                       description="Run the named benchmark scripts from benchmarks/ (by default every "
+                                   "bench_*.py, as `make bench` does); each prints its table and writes its JSON "
+                                   "into the run directory. --list shows them all.")
     p.add_argument("names", nargs="*", metavar="NAME", help="benchmarks to run, e.g. optim fp8 (default: all)")
     p.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="arguments passed to each benchmark script")
