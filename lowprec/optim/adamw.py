@@ -227,7 +227,7 @@ class QuantizedAdamW(Optimizer):
             raise RuntimeError(f"{where}: parameter has non-floating dtype {p.dtype}")
 
     @staticmethod
-    def _all_finite(grads: list[torch.Tensor]) -> bool:
+    def _local_all_finite(grads: list[torch.Tensor]) -> bool:
         """True when every gradient is finite. A finite sum proves it (inf/NaN propagate through a
         sum) at the cost of one read; only a non-finite sum (or an overflow) is checked element-wise."""
         if not grads:
@@ -236,6 +236,20 @@ class QuantizedAdamW(Optimizer):
         if bool(torch.isfinite(sums).all()):
             return True
         return all(bool(torch.isfinite(g).all()) for g in grads)
+
+    @classmethod
+    def _all_finite(cls, params: list[torch.Tensor], grads: list[torch.Tensor]) -> bool:
+        """:meth:`_local_all_finite`, agreed across ranks when parameters are sharded DTensors, so
+        that every rank skips (or steps) the group together."""
+        ok = cls._local_all_finite(grads)
+        meshes = [p.device_mesh for p in params if hasattr(p, "device_mesh")]
+        if meshes and torch.distributed.is_available() and torch.distributed.is_initialized():
+            mesh = meshes[0]
+            group = mesh.get_group() if mesh.ndim == 1 else None
+            flag = torch.tensor([0.0 if ok else 1.0], device=grads[0].device if grads else "cpu")
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=group)
+            ok = bool(flag.item() == 0.0)
+        return ok
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -255,7 +269,7 @@ class QuantizedAdamW(Optimizer):
             if not items:
                 continue
             grads = [_local(p.grad) for p, _, _ in items]
-            if not self._all_finite(grads):
+            if not self._all_finite([p for p, _, _ in items], grads):
                 if group["nonfinite"] == "raise":
                     bad = [w for (p, _, w), g in zip(items, grads) if not bool(torch.isfinite(g).all())]
                     raise FloatingPointError(f"{type(self).__name__}: non-finite gradient in {bad[0]}"
