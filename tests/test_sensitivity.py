@@ -123,6 +123,7 @@ def ce_functional(model, overrides, batch):
     return F.cross_entropy(torch.func.functional_call(model, overrides, (batch[0],)), batch[1])
 
 
+@pytest.mark.slow
 def test_hutchinson_per_layer_trace_within_5_percent_of_exact(small):
     model, batches = small
     names = [n for n, p in model.named_parameters() if p.dim() == 2]
@@ -136,6 +137,7 @@ def test_hutchinson_per_layer_trace_within_5_percent_of_exact(small):
     assert hvps == sum(e.probes for e in est.values())
 
 
+@pytest.mark.slow
 def test_hutchpp_and_lanczos_match_exact_blocks(small):
     model, batches = small
     oracle = S.LayerHessian(model, ce, batches, ["0.weight", "2.weight"])
@@ -210,6 +212,7 @@ def test_gauss_legendre_is_exact_for_cubics():
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_regret_pqi_and_measured_plans_in_best_5_percent(five, record_property):
     model, batches = five
     reports = {m: S.score(model, ce, batches, method=m, bits=BITS, rel_tol=0.1, progress=False)

@@ -173,6 +173,7 @@ def hutchinson_traces(
     names: Sequence[str],
     *,
     rel_tol: float = 0.05,
+    abs_tol: float = 0.0,
     min_probes: int = 16,
     max_probes: int = 1000,
     seed: int = 0,
@@ -183,11 +184,12 @@ def hutchinson_traces(
 
     Probe ``k`` uses batch ``k mod len(batches)``, so the estimate is of the mean Hessian over
     the batches. A layer stops once it has ``min_probes`` probes and its standard error of the mean
-    is at most ``rel_tol * |mean|``; ``max_probes`` caps it (``converged=False`` then).
+    is at most ``max(rel_tol * |mean|, abs_tol)`` (``abs_tol`` lets layers whose trace is near zero,
+    where a relative error means nothing, stop); ``max_probes`` caps it (``converged=False`` then).
     ``names`` are parameter names (``"layer.weight"``). Returns the estimates and the HVP count.
     """
-    if not (rel_tol > 0):
-        raise ValueError(f"rel_tol must be positive; got {rel_tol!r}")
+    if not (rel_tol > 0) or not (abs_tol >= 0):
+        raise ValueError(f"need rel_tol > 0 and abs_tol >= 0; got rel_tol={rel_tol!r}, abs_tol={abs_tol!r}")
     if min_probes < 2 or max_probes < min_probes:
         raise ValueError(f"need 2 <= min_probes <= max_probes; got min_probes={min_probes}, max_probes={max_probes}")
     oracle = LayerHessian(model, loss_fn, batches, names, backend=backend)
@@ -209,14 +211,15 @@ def hutchinson_traces(
                 s = samples[n]
                 if len(s) >= min_probes:
                     mean, sem = _mean_sem(s)
-                    if sem <= rel_tol * abs(mean) or len(s) >= max_probes:
-                        done[n] = TraceEstimate(mean, sem, len(s), sem <= rel_tol * abs(mean))
+                    ok = sem <= max(rel_tol * abs(mean), abs_tol)
+                    if ok or len(s) >= max_probes:
+                        done[n] = TraceEstimate(mean, sem, len(s), ok)
                         bar.update(1)
     bar.close()
     for n in names:
         if n not in done:
             mean, sem = _mean_sem(samples[n])
-            done[n] = TraceEstimate(mean, sem, len(samples[n]), sem <= rel_tol * abs(mean))
+            done[n] = TraceEstimate(mean, sem, len(samples[n]), sem <= max(rel_tol * abs(mean), abs_tol))
     return {n: done[n] for n in names}, oracle.count
 
 

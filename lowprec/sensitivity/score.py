@@ -54,6 +54,7 @@ def score(
     rule: str = "gauss-legendre",
     trace: str = "hutchinson",
     rel_tol: float = 0.1,
+    abs_tol: float = 0.0,
     min_probes: int = 10,
     max_probes: int = 200,
     hutchpp_matvecs: int = 30,
@@ -66,7 +67,7 @@ def score(
 
     ``loss_fn(model, batch)`` returns a scalar tensor; ``batches`` is a non-empty iterable (read
     several times, so it is materialised). PQI: ``points`` quadrature nodes of ``rule``.
-    HAWQ: ``trace="hutchinson"`` (stop at SEM <= ``rel_tol`` * |trace|, between ``min_probes``
+    HAWQ: ``trace="hutchinson"`` (stop at SEM <= max(``rel_tol`` * |trace|, ``abs_tol``), between ``min_probes``
     and ``max_probes`` probes) or ``"hutch++"`` (``hutchpp_matvecs`` products over all batches);
     ``eigenvalue=True`` adds each layer's top Hessian eigenvalue (Lanczos, 20 products) to ``extra``.
     """
@@ -113,10 +114,10 @@ def score(
         else:
             names = [params[n] for n in found]
             if trace == "hutchinson":
-                est, hvps = hutchinson_traces(model, loss_fn, batch_list, names, rel_tol=rel_tol,
+                est, hvps = hutchinson_traces(model, loss_fn, batch_list, names, rel_tol=rel_tol, abs_tol=abs_tol,
                                               min_probes=min_probes, max_probes=max_probes, seed=seed,
                                               backend=backend, progress=progress)
-                meta.update(rel_tol=rel_tol, min_probes=min_probes, max_probes=max_probes)
+                meta.update(rel_tol=rel_tol, abs_tol=abs_tol, min_probes=min_probes, max_probes=max_probes)
             else:
                 oracle = LayerHessian(model, loss_fn, batch_list, names, backend=backend)
                 est = {}

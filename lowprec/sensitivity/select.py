@@ -57,7 +57,7 @@ def _solve(c: np.ndarray, w: np.ndarray, budget: float) -> np.ndarray:
         constraints=[LinearConstraint(one_hot, 1.0, 1.0), LinearConstraint(w.reshape(1, -1), -np.inf, budget)],
         integrality=np.ones(L * K),
         bounds=Bounds(0.0, 1.0),
-        options={"mip_rel_gap": 0.0},
+        options={"mip_rel_gap": 0.0, "presolve": False},
     )
     if not res.success or res.x is None:
         raise RuntimeError(f"the bit-selection integer program failed: {res.message}")
