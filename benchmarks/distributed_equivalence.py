@@ -4,7 +4,8 @@
 
 Same recipe, optimizer, seed and GLOBAL batch (16 x 128 tokens; 8 per rank) everywhere. Prints
 the per-step training loss of each run and its relative difference to the one-process run, and
-writes bench_results/distributed_equivalence.json. Runs (all single-threaded, OMP_NUM_THREADS=1):
+writes bench_results/distributed_equivalence.json (other recipe/optimizer pairs:
+distributed_equivalence_<recipe>_<optimizer>.json). Runs (all single-threaded, OMP_NUM_THREADS=1):
 
   single          one process, checkpoint at steps/2
   single_resumed  one process, stopped at steps/2 and resumed from that checkpoint
@@ -142,7 +143,9 @@ def driver(args) -> int:
         "final_val_loss": {k: v.get("final_val_loss") for k, v in runs.items()},
     }
     print(json.dumps(summary, indent=1))
-    path = write_json("distributed_equivalence", {
+    name = "distributed_equivalence" + ("" if (args.recipe, args.optimizer) == ("unit-fp8", "AdamW4bit")
+                                         else f"_{args.recipe}_{args.optimizer}")
+    path = write_json(name, {
         "recipe": args.recipe, "optimizer": args.optimizer, "steps": args.steps, "batch_size": args.batch_size,
         "seq_len": args.seq_len, "lr": args.lr, "summary": summary, "rows": rows,
         "runs": {k: {kk: v.get(kk) for kk in ("train_loss", "grad_norm", "val_loss", "start_step",
@@ -162,9 +165,11 @@ def main() -> int:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--lr", type=float, default=None, help="default: the recipe's")
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--out", default=str(RESULTS_DIR / "distributed_equivalence_runs"))
+    p.add_argument("--out", default=None, help="scratch directory for checkpoints and per-run JSON")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.out is None:
+        args.out = str(RESULTS_DIR / f"distributed_equivalence_runs_{args.recipe}_{args.optimizer}")
     if args.worker:
         worker(args)
         return 0
