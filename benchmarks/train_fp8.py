@@ -6,6 +6,11 @@ Prints the final validation losses and their gaps to fp32 (goal: within 1.5% for
 
     .venv/bin/python benchmarks/train_fp8.py                      # 300 steps, batch 16
     .venv/bin/python benchmarks/train_fp8.py --steps 50 --runs fp32,fp8   # a quick look
+    .venv/bin/python benchmarks/train_fp8.py --jobs 4                    # the runs in 4 processes
+
+Each run uses ``--threads`` torch threads (default 1: on a machine shared by many processes,
+more threads than free cores makes every step several times slower). ``--jobs`` runs the runs
+in parallel processes; the numbers do not depend on it (same seed, same batches).
 """
 
 from __future__ import annotations
@@ -51,6 +56,28 @@ def fp8_counters(model: torch.nn.Module) -> dict[str, int]:
     return out
 
 
+def run_one(run: str, args: argparse.Namespace) -> dict:
+    """Train one run and return its results (a picklable dict)."""
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    corpus = stdlib_corpus()
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed,
+                      warmup_steps=min(20, max(1, args.steps // 5)), eval_every=max(1, args.steps // 10))
+    recipe = recipe_for(run, args.gemm)
+    model = demo_llama(seed=args.seed)
+    if recipe.name != "fp32":
+        lowprec.convert(model, recipe)
+    opt = runs.build_optimizer(model, recipe)
+    t0 = time.perf_counter()
+    res = train(model, opt, corpus, cfg, desc=run)
+    wall = time.perf_counter() - t0
+    out = dict(recipe=recipe.to_dict(), wall_s=wall, **res.to_dict(), **fp8_counters(model))
+    print(f"{run:>10}: final val loss {res.final_val_loss:.4f}  (diverged at {res.diverged_at})  "
+          f"median step {res.median_step_time_s:.3f} s  wall {wall:.0f} s", flush=True)
+    write_json(f"{args.out}_{run}", dict(config=vars(args), run=run, result=out))  # survives a later crash
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=300)
@@ -63,25 +90,22 @@ def main() -> None:
                     help="override the recipes' cast.gemm (same numbers up to float32 rounding; emulated is "
                          "faster on a CPU)")
     ap.add_argument("--out", default="train_fp8")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    ap.add_argument("--jobs", type=int, default=1, help="runs trained in parallel processes")
     args = ap.parse_args()
 
-    torch.manual_seed(args.seed)
+    names = args.runs.split(",")
+    for n in names:
+        recipe_for(n, args.gemm)  # a bad run name fails before any training
+    if args.jobs > 1:
+        import multiprocessing as mp
+
+        with mp.get_context("spawn").Pool(min(args.jobs, len(names))) as pool:
+            outs = pool.starmap(run_one, [(n, args) for n in names])
+    else:
+        outs = [run_one(n, args) for n in names]
+    results, rows = dict(zip(names, outs)), []
     corpus = stdlib_corpus()
-    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed,
-                      warmup_steps=min(20, max(1, args.steps // 5)), eval_every=max(1, args.steps // 10))
-    results, rows = {}, []
-    for run in args.runs.split(","):
-        recipe = recipe_for(run, args.gemm)
-        model = demo_llama(seed=args.seed)
-        if recipe.name != "fp32":
-            lowprec.convert(model, recipe)
-        opt = runs.build_optimizer(model, recipe)
-        t0 = time.perf_counter()
-        res = train(model, opt, corpus, cfg, desc=run)
-        wall = time.perf_counter() - t0
-        results[run] = dict(recipe=recipe.to_dict(), wall_s=wall, **res.to_dict(), **fp8_counters(model))
-        print(f"{run:>10}: final val loss {res.final_val_loss:.4f}  (diverged at {res.diverged_at})  "
-              f"median step {res.median_step_time_s:.3f} s  wall {wall:.0f} s", flush=True)
     base = results.get("fp32", {}).get("final_val_loss")
     for run, r in results.items():
         gap = (r["final_val_loss"] - base) / base if base else float("nan")

@@ -149,6 +149,18 @@ def test_fp8_linear_keeps_batch_dims_and_low_precision_dtypes():
     assert x.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.bfloat16 and x.grad.shape == x.shape
 
 
+def test_bf16_model_keeps_float32_scaling_state():
+    model = SwiGLU(32, 64)
+    lowprec.convert(model, _fp8_recipe(scaling="delayed", history_len=4))
+    model.to(torch.bfloat16)
+    assert model.up_proj.weight.dtype == torch.bfloat16
+    assert model.up_proj.gemm.scale.dtype == torch.float32 and model.up_proj.gemm.amax_history.dtype == torch.float32
+    for _ in range(2):
+        y = model(torch.randn(8, 32, dtype=torch.bfloat16))
+        y.float().sum().backward()
+    assert y.dtype == torch.bfloat16 and torch.isfinite(model.down_proj.weight.grad.float()).all()
+
+
 def test_fp8_swiglu_mlp_sqnr_against_fp32():
     """Output and gradient SQNR of a toy SwiGLU MLP under current scaling. torchao's tensorwise
     float8 recipe gives 23.8 dB on the output here (benchmarks/bench_fp8.py); lowprec gives

@@ -182,6 +182,16 @@ class Fp8Gemm(nn.Module):
         self.register_buffer("nonfinite_inputs", torch.zeros(3, dtype=torch.int64))
         self.register_buffer("fp8_max", torch.tensor(fmax), persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        """``model.to(torch.bfloat16)`` must not turn the scaling state into bf16: scales and amax
+        histories stay float32 (moving devices still moves them)."""
+        super()._apply(fn, recurse)
+        for name in ("scale", "amax_history", "last_amax", "fp8_max"):
+            buf = getattr(self, name)
+            if buf.dtype != torch.float32:
+                setattr(self, name, buf.float())
+        return self
+
     # -- the contract ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if weight.dim() != 2:
