@@ -326,12 +326,11 @@ class QuantizedAdamW(Optimizer):
             from lowprec.kernels.adamw_step import adamw_blocks_triton_
 
             adamw_blocks_triton_(p2, g2, mc, ma, vc, va, hp, mf, vf, maximize)
-        elif mf.packed and vf.packed and self.compile:
-            _run("blocks4", F.adamw_blocks_fast_, True, (p2, g2, mc, ma, vc, va), p2, g2, mc, ma, vc, va, hp,
-                 mf, vf, maximize)
+        elif self.compile:
+            _run(f"blocks-{mf.name}-{vf.name}", F.adamw_blocks_fast_, True, (p2, g2, mc, ma, vc, va),
+                 p2, g2, mc, ma, vc, va, hp, mf, vf, maximize)
         else:
-            _run("blocks", F.adamw_blocks_, self.compile, (p2, g2, mc, ma, vc, va), p2, g2, mc, ma, vc, va, hp,
-                 mf, vf, maximize)
+            F.adamw_blocks_(p2, g2, mc, ma, vc, va, hp, mf, vf, maximize)
         if not direct:
             p.copy_(p2.reshape(-1)[:n].view(p.shape))
 

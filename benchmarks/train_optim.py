@@ -1,0 +1,106 @@
+"""Quality of quantized optimizer states: the demo Llama on stdlib text, same seed, batches and
+schedule, with torch AdamW and lowprec's AdamW4bit (block v, the default, and the paper's
+rank-1 v), AdamW8bit and AdamWFp8. Prints final validation losses and gaps to AdamW, writes
+``bench_results/train_optim.json`` and ``bench_results/train_optim.png``.
+
+    python benchmarks/train_optim.py                     # 300 steps, batch 16
+    python benchmarks/train_optim.py --steps 100 --only AdamW,AdamW4bit
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS_DIR, format_table, write_json  # noqa: E402
+
+from lowprec.data import stdlib_corpus  # noqa: E402
+from lowprec.models import demo_llama  # noqa: E402
+from lowprec.optim import AdamW4bit, AdamW8bit, AdamWFp8  # noqa: E402
+from lowprec.training import TrainConfig, train  # noqa: E402
+
+LR, WD, BETAS = 2e-3, 0.1, (0.9, 0.95)
+
+
+def make_optimizer(name: str, model: torch.nn.Module) -> torch.optim.Optimizer:
+    kw = dict(lr=LR, weight_decay=WD, betas=BETAS)
+    if name == "AdamW":
+        return torch.optim.AdamW(model.parameters(), **kw)
+    if name == "AdamW4bit":
+        return AdamW4bit(model.parameters(), **kw)
+    if name == "AdamW4bit-rank1":
+        return AdamW4bit(model.parameters(), v_mode="rank1", **kw)
+    if name == "AdamW4bit-factored":
+        return AdamW4bit(model.parameters(), factor_second_moment=True, **kw)
+    if name == "AdamW8bit":
+        return AdamW8bit(model.parameters(), **kw)
+    if name == "AdamWFp8":
+        return AdamWFp8(model.parameters(), **kw)
+    raise ValueError(f"unknown optimizer {name!r}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--only", default="AdamW,AdamW4bit,AdamW4bit-rank1,AdamW8bit,AdamWFp8")
+    args = ap.parse_args()
+    corpus = stdlib_corpus()
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed, warmup_steps=20,
+                      eval_every=max(1, args.steps // 6), eval_batches=8)
+    results = {}
+    for name in args.only.split(","):
+        model = demo_llama(seed=args.seed)
+        opt = make_optimizer(name, model)
+        t0 = time.perf_counter()
+        res = train(model, opt, corpus, cfg)
+        state = getattr(opt, "state_nbytes", None)
+        n = sum(p.numel() for p in model.parameters())
+        results[name] = dict(res.to_dict(), wall_s=time.perf_counter() - t0,
+                             state_bytes_per_param=(state() / n) if state else 8.0,
+                             skipped_steps=getattr(opt, "skipped_steps", 0))
+        print(f"{name:20s} final val loss {res.final_val_loss:.4f}  ({time.perf_counter() - t0:.0f} s)", flush=True)
+    base = results.get("AdamW", {}).get("final_val_loss")
+    rows = []
+    for name, r in results.items():
+        gap = (r["final_val_loss"] / base - 1) * 100 if base else None
+        r["gap_pct"] = gap
+        rows.append(dict(optimizer=name, final_val_loss=r["final_val_loss"], gap_vs_adamw_pct=gap,
+                         state_bytes_per_param=r["state_bytes_per_param"], diverged_at=r["diverged_at"],
+                         median_step_s=r["median_step_time_s"]))
+    print(format_table(rows))
+    path = write_json("train_optim", {"config": vars(cfg), "lr": LR, "weight_decay": WD, "betas": BETAS,
+                                      "results": results, "summary": rows})
+    print(f"wrote {path}")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for name, r in results.items():
+            tl = torch.tensor(r["train_loss"])
+            k = 10
+            smooth = tl.unfold(0, k, 1).mean(-1) if tl.numel() >= k else tl
+            axes[0].plot(range(k - 1, k - 1 + smooth.numel()), smooth.tolist(), label=name)
+            axes[1].plot([s for s, _ in r["val_loss"]], [v for _, v in r["val_loss"]], marker="o", label=name)
+        axes[0].set(title="train loss (10-step mean)", xlabel="step", ylabel="nats/byte")
+        axes[1].set(title="validation loss", xlabel="step")
+        axes[1].legend()
+        fig.tight_layout()
+        png = RESULTS_DIR / "train_optim.png"
+        fig.savefig(png, dpi=110)
+        print(f"wrote {png}")
+    except Exception as e:  # pragma: no cover
+        print(f"no plot: {e}")
+
+
+if __name__ == "__main__":
+    main()
