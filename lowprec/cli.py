@@ -212,6 +212,10 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
             if rank == 0:
                 _report_interrupt(run_dir, ck_dir)
             return EXIT_INTERRUPTED
+        except ValueError as e:
+            if args.resume and str(e).startswith("cannot resume"):
+                raise CLIError(f"{e} (give --resume the options the run was started with)") from None
+            raise
         state_bytes = total_state_bytes = runs.optimizer_state_bytes(optimizer)  # this rank's (its shard under FSDP)
         if world > 1:  # a collective: every rank takes part before the non-zero ranks leave
             t = torch.tensor([state_bytes], dtype=torch.float64)
@@ -652,9 +656,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     from lowprec.recipes import RecipeError
 
+    user_errors: tuple[type[BaseException], ...] = (CLIError, FeatureMissing, RecipeError)
+    if args.command in ("train", "sensitivity", "inspect"):
+        # a checkpoint that is missing, corrupt or does not fit the model
+        from lowprec.checkpoint import CheckpointError
+
+        user_errors += (CheckpointError,)
     try:
         return int(args.func(args, argv) or 0)
-    except (CLIError, FeatureMissing, RecipeError) as e:
+    except user_errors as e:
         print(f"lowprec {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
