@@ -382,8 +382,9 @@ def transformer_residual_taus(n_layers: int, residual_mult: float = 1.0,
     ``alpha_mlp = mult * sqrt(2 / (1 + r**2))``, ``alpha_attn = r * alpha_mlp``; branch i gets
     ``tau_i = alpha_i / sqrt(B/2 + n_attn * alpha_attn**2 + n_mlp * alpha_mlp**2)`` with ``B``
     the number of branches and ``n_attn``/``n_mlp`` those before it. Each attention branch then
-    contributes the same variance, each MLP branch too, and all of them together
-    ``residual_mult`` times the embedding's.
+    contributes the same variance to the final stream, each MLP branch too; all attention
+    branches together contribute ``r**2`` times what all MLP branches do, and the two totals
+    average ``residual_mult**2`` times the embedding's contribution.
     """
     alpha_mlp = residual_mult * (2.0 / (1.0 + residual_attn_ratio**2)) ** 0.5
     alpha_attn = residual_attn_ratio * alpha_mlp
