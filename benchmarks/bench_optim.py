@@ -146,7 +146,8 @@ def main() -> None:
     cols = ["case", "optimizer", "bytes_per_param", "step_ms", "step_min_ms", "vs_torch_fused",
             "torchao4bit_over_this", "first_step_s"]
     print(format_table([r for r in rows if "step_ms" in r], cols))
-    path = write_json("bench_optim", {"rows": rows, "threads": torch.get_num_threads(),
+    name = "bench_optim" if args.cases == "4096x4096,demo_llama" else "bench_optim_" + args.cases.replace(",", "_")
+    path = write_json(name, {"rows": rows, "threads": torch.get_num_threads(),
                                       "targets": {"4bit_bytes": 1.07, "4bit_factored_bytes": 0.6, "8bit_bytes": 2.04,
                                                   "4bit_vs_torch_fused_max": 1.5, "4bit_vs_torchao_min_speedup": 5}})
     print(f"wrote {path}")
