@@ -49,6 +49,9 @@ class UnitScalingConfig:
     # u-muP residual depth rule (design.md): alpha_mlp = mult*sqrt(2/(1+r^2)), alpha_attn = r*alpha_mlp.
     residual_mult: float = 1.0
     residual_attn_ratio: float = 1.0
+    # LM head forward scale: "unit" = fan_in**-0.5 (Unit Scaling 2023: unit logits at init),
+    # "mup" = 1/fan_in (u-muP 2024: small logits at init, base-rate learning rate for the head).
+    readout: str = "unit"
 
 
 @dataclass(frozen=True)
@@ -153,6 +156,7 @@ class Recipe:
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "unit_scaling.init": ("unit", "keep"),
+    "unit_scaling.readout": ("unit", "mup"),
     "cast.format": ("none", "fp16", "bf16", "fp8"),
     "cast.scaling": ("current", "delayed", "rowwise", "blockwise", "none"),
     "cast.forward": ("e4m3", "e5m2"),
