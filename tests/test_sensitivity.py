@@ -150,6 +150,13 @@ def test_hutchpp_and_lanczos_match_exact_blocks(small):
             assert abs(est.trace - float(torch.trace(H))) <= 0.05 * abs(float(torch.trace(H))), n
             top = S.top_eigenvalue(oracle.matvec(n), H.shape[0], iters=40, dtype=torch.float64)
             assert top == pytest.approx(float(torch.linalg.eigvalsh(H)[-1]), rel=1e-4), n
+    rep = S.score(model, ce, batches, method="hawq", bits=(2,), layers=["0"], trace="hutch++", hutchpp_matvecs=90,
+                  eigenvalue=True, progress=False)
+    H = _exact_block(model, batches[0], "0.weight").detach()
+    assert rep.extra["0"]["trace"] == pytest.approx(float(torch.trace(H)), rel=0.05)
+    assert rep.extra["0"]["top_eigenvalue"] == pytest.approx(float(torch.linalg.eigvalsh(H)[-1]), rel=1e-3)
+    w = model[0].weight.detach()
+    assert rep.scores["0"][2] == pytest.approx(rep.extra["0"]["trace"] / w.numel() * float(((fake_quant_weight(w, 2) - w) ** 2).sum()))
 
 
 def test_scoring_freezes_batchnorm_and_leaves_model_untouched(digits):

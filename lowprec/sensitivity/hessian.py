@@ -125,12 +125,15 @@ class LayerHessian:
                     self.count += 1
                 return out
             leaves = {n: self.weights[n].clone().requires_grad_(True) for n in vectors}
-            grads = torch.autograd.grad(self.ev(batch, leaves), list(leaves.values()), create_graph=True)
+            grads = torch.autograd.grad(self.ev(batch, leaves), list(leaves.values()), create_graph=True, allow_unused=True)
             for i, (n, g) in enumerate(zip(leaves, grads)):
+                self.count += 1
+                if g is None or not g.requires_grad:  # loss constant or linear in this weight: H_ii = 0
+                    out[n] = torch.zeros_like(leaves[n]).detach()
+                    continue
                 last = i == len(leaves) - 1
                 (hv,) = torch.autograd.grad(g, leaves[n], grad_outputs=vectors[n], retain_graph=not last, allow_unused=True)
-                out[n] = torch.zeros_like(g) if hv is None else hv.detach()
-                self.count += 1
+                out[n] = torch.zeros_like(g).detach() if hv is None else hv.detach()
             return out
         except (RuntimeError, NotImplementedError) as e:
             raise _second_order_error(e) from e

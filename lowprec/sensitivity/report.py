@@ -139,25 +139,33 @@ class SensitivityReport:
 
             matplotlib.use("Agg")
             import matplotlib.pyplot as plt
+            from matplotlib.patches import Patch
         except ImportError as e:  # pragma: no cover
             raise ImportError("plotting needs matplotlib: pip install 'lowprec[plot]'") from e
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         n, k = len(self.layers), len(self.bits)
-        fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * n * k / 2 + 2), 4.5))
+        fig, ax = plt.subplots(figsize=(min(16.0, max(6.0, 0.12 * n * k + 2)), 5.0))
         width = 0.8 / k
+        handles = []
         for j, b in enumerate(self.bits):
-            vals = [self.scores[ly][b] for ly in self.layers]
-            if log:
-                vals = [max(abs(v), 1e-12) for v in vals]
-            ax.bar([i + (j - (k - 1) / 2) * width for i in range(n)], vals, width, label=f"int{b}")
+            raw = [self.scores[ly][b] for ly in self.layers]
+            vals = [max(abs(v), 1e-12) for v in raw] if log else raw
+            bars = ax.bar([i + (j - (k - 1) / 2) * width for i in range(n)], vals, width)
+            handles.append(Patch(facecolor=bars.patches[0].get_facecolor(), label=f"int{b}"))
+            if log:  # a negative score (quantising lowered the loss) is drawn hatched
+                for bar, v in zip(bars, raw):
+                    if v < 0:
+                        bar.set_hatch("///")
         if log:
             ax.set_yscale("log")
         ax.set_xticks(range(n))
-        ax.set_xticklabels(self.layers, rotation=90, fontsize=6 if n > 12 else 8)
-        ax.set_ylabel(("|score|" if log else "score") + " (loss increase)")
+        labels = [ly.removeprefix("model.").replace("layers.", "L").replace("self_attn.", "").replace("mlp.", "")
+                  for ly in self.layers]
+        ax.set_xticklabels(labels, rotation=90, fontsize=6 if n > 12 else 8)
+        ax.set_ylabel(("|score| (hatched: negative)" if log else "score") + ", loss increase")
         ax.set_title(f"sensitivity by {self.method}")
-        ax.legend(fontsize=7)
+        ax.legend(handles=handles, fontsize=7)
         fig.tight_layout()
         fig.savefig(path, dpi=120)
         plt.close(fig)
