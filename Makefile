@@ -25,8 +25,9 @@ test: setup
 test-fast: setup
 	$(VENV)/bin/pytest -m "not slow and not distributed"
 
+# `make demo DEMO_ARGS="--steps 100"` passes options through (see `lowprec demo --help`).
 demo: setup
-	$(VENV)/bin/lowprec demo
+	$(VENV)/bin/lowprec demo $(DEMO_ARGS)
 
 bench: setup
 	$(PY) benchmarks/bench_formats.py
