@@ -18,6 +18,7 @@ with the curves in ``bench_results/train_unit_scaling.png``.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -77,9 +78,19 @@ def main() -> None:
     ap.add_argument("--unit-lrs", default="0.5,1,2")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--name", default="train_unit_scaling", help="JSON/PNG file name under bench_results/")
+    ap.add_argument("--side", choices=("both", "fp32", "unit"), default="both",
+                    help="run one side only (writes <name>_<side>.json); --merge then joins the two files")
+    ap.add_argument("--merge", action="store_true", help="join <name>_fp32.json and <name>_unit.json")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.merge:
+        parts = {side: json.loads((RESULTS_DIR / f"{args.name}_{side}.json").read_text()) for side in ("fp32", "unit")}
+        final = {side: parts[side]["final"][side] for side in parts}
+        best = {side: final[side]["lr"] for side in final}
+        tuning = parts["fp32"]["tuning"] + parts["unit"]["tuning"]
+        report(args, final, best, tuning, commands=[parts[s]["command"] for s in ("fp32", "unit")])
+        return
 
     lrs = {"fp32": _floats(args.fp32_lrs), "unit": _floats(args.unit_lrs)}
     tuning: list[dict] = []
@@ -89,6 +100,8 @@ def main() -> None:
                            eval_every=args.tune_steps)
         print(f"tuning: {args.tune_steps} steps per candidate")
         for side, cands in lrs.items():
+            if args.side not in ("both", side):
+                continue
             runs = [run(side, lr, tcfg, args) for lr in cands]
             tuning += [{k: v for k, v in r.items() if k != "train_loss"} for r in runs]
             ok = [r for r in runs if r["diverged_at"] is None]
@@ -98,7 +111,17 @@ def main() -> None:
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch, seq_len=args.seq, seed=args.seed,
                       eval_every=args.eval_every)
     print(f"final runs: {args.steps} steps, batch {args.batch}, seq {args.seq}, seed {args.seed}")
-    final = {side: run(side, best[side], cfg, args) for side in ("fp32", "unit")}
+    sides = ("fp32", "unit") if args.side == "both" else (args.side,)
+    final = {side: run(side, best[side], cfg, args) for side in sides}
+    if args.side != "both":
+        path = write_json(f"{args.name}_{args.side}", dict(command=" ".join(sys.argv), config=vars(args),
+                                                          tuning=tuning, final=final))
+        print(f"wrote {path}")
+        return
+    report(args, final, best, tuning, commands=[" ".join(sys.argv)])
+
+
+def report(args: argparse.Namespace, final: dict, best: dict, tuning: list, commands: list[str]) -> None:
     f32, unit = final["fp32"]["final_val_loss"], final["unit"]["final_val_loss"]
     gap = (unit - f32) / f32
 
@@ -113,7 +136,7 @@ def main() -> None:
     print(f"median step time: fp32 {final['fp32']['median_step_s']:.3f} s, {args.recipe} "
           f"{final['unit']['median_step_s']:.3f} s (this machine is shared; not a speed claim)")
 
-    payload = dict(command=" ".join(sys.argv), config=vars(args), chosen_lr=best, tuning=tuning,
+    payload = dict(commands=commands, config=vars(args), chosen_lr=best, tuning=tuning,
                    final=final, final_val_loss={"fp32": f32, args.recipe: unit}, relative_gap=gap)
     path = write_json(args.name, payload)
     print(f"wrote {path}")
