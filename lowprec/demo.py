@@ -126,7 +126,7 @@ def run_demo(
     if sensitivity:
         print(f"\nsensitivity of the fp32-trained model ({sensitivity_method}), bits per layer at an average "
               f"of {avg_bits} bits:")
-        batches = runs.sensitivity_batches(corpus, sensitivity_batches, 8, seq_len)
+        batches = runs.sensitivity_batches(corpus, sensitivity_batches, 4, seq_len)
         sens = runs.score_and_plan(fp32_model, batches, method=sensitivity_method, bits=(2, 3, 4, 8),
                                    avg_bits=avg_bits, size_budget_bytes=None, run_dir=run_dir, progress=progress)
         files += sens["files"]
