@@ -47,7 +47,7 @@ def cast_transpose_reference(x: torch.Tensor, scale: torch.Tensor, fmt: str | Fl
     f = get_format(fmt)
     _check(x, scale, f)
     s = scale.float().reshape(())
-    q = (x.float() * s).clamp(-f.max, f.max).to(f.dtype)
+    q = (x.float() * s).clamp_(-f.max, f.max).to(f.dtype)
     amax = x.detach().abs().float().amax() if x.numel() else torch.zeros((), device=x.device)
     return q, (q.t().contiguous() if transpose else None), amax
 

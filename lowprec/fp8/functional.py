@@ -15,6 +15,22 @@ from __future__ import annotations
 import torch
 
 GEMM_BACKENDS = ("scaled_mm", "emulated")
+_WIDEN_TABLES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def widen(q: torch.Tensor) -> torch.Tensor:
+    """FP8 values as float32, exactly. On the CPU a 256-entry table lookup (``torch.take`` on the
+    bytes) is about 3x faster than torch's element-wise FP8 -> float32 conversion."""
+    if q.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
+        return q.float()
+    if q.device.type != "cpu":
+        return q.float()
+    key = (q.dtype, q.device)
+    table = _WIDEN_TABLES.get(key)
+    if table is None:
+        table = torch.arange(256, dtype=torch.uint8).view(q.dtype).float().to(q.device)
+        _WIDEN_TABLES[key] = table
+    return torch.take(table, q.contiguous().view(torch.uint8).long()).reshape(q.shape)
 
 
 def _scaled_mm_supported(a: torch.Tensor, b: torch.Tensor, inv_sa: torch.Tensor, inv_sb: torch.Tensor,
@@ -59,8 +75,8 @@ def fp8_mm(a: torch.Tensor, b: torch.Tensor, inv_sa: torch.Tensor, inv_sb: torch
     if inv_sa.numel() == 1 and inv_sb.numel() == 1:
         # Per-tensor scales factor out of the sum: one multiply on the output instead of two
         # passes over the operands (the same value up to float32 rounding).
-        return ((a.float() @ b.float()) * (inv_sa * inv_sb).reshape(())).to(out_dtype)
-    return ((a.float() * inv_sa) @ (b.float() * inv_sb)).to(out_dtype)
+        return ((widen(a) @ widen(b)) * (inv_sa * inv_sb).reshape(())).to(out_dtype)
+    return ((widen(a) * inv_sa) @ (widen(b) * inv_sb)).to(out_dtype)
 
 
 def forward_gemm(xq: torch.Tensor, wq: torch.Tensor, inv_sx: torch.Tensor, inv_sw: torch.Tensor,

@@ -138,7 +138,7 @@ def reduce_history(history: torch.Tensor, latest: torch.Tensor, reduction: str) 
 
 def cast_to_fp8(x: torch.Tensor, scale: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
     """``cast(x * scale)`` to ``fmt``, saturating at +-max (NaN stays NaN). Round to nearest even."""
-    return (x.float() * scale).clamp(-fmt.max, fmt.max).to(fmt.dtype)
+    return (x.float() * scale).clamp_(-fmt.max, fmt.max).to(fmt.dtype)
 
 
 def fake_cast(x: torch.Tensor, scale: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
