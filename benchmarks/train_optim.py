@@ -10,6 +10,7 @@ rank-1 v), AdamW8bit and AdamWFp8. Prints final validation losses and gaps to Ad
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -50,10 +51,21 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", default="AdamW,AdamW4bit,AdamW4bit-rank1,AdamW8bit,AdamWFp8")
+    ap.add_argument("--eval-batches", type=int, default=8)
+    ap.add_argument("--tag", default="", help="write train_optim_<tag>.json only (runs in parallel processes)")
+    ap.add_argument("--merge", default="", help="comma-separated tags: merge their JSONs into train_optim.json")
     args = ap.parse_args()
+    if args.merge:
+        results, cfg = {}, None
+        for tag in args.merge.split(","):
+            part = json.loads((RESULTS_DIR / f"train_optim_{tag}.json").read_text())
+            results.update(part["results"])
+            cfg = part["config"]
+        report(results, cfg)
+        return
     corpus = stdlib_corpus()
-    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed, warmup_steps=20,
-                      eval_every=max(1, args.steps // 6), eval_batches=8)
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed, warmup_steps=min(20, args.steps // 5),
+                      eval_every=max(1, args.steps // 4), eval_batches=args.eval_batches)
     results = {}
     for name in args.only.split(","):
         model = demo_llama(seed=args.seed)
@@ -66,6 +78,15 @@ def main() -> None:
                              state_bytes_per_param=(state() / n) if state else 8.0,
                              skipped_steps=getattr(opt, "skipped_steps", 0))
         print(f"{name:20s} final val loss {res.final_val_loss:.4f}  ({time.perf_counter() - t0:.0f} s)", flush=True)
+    if args.tag:
+        path = write_json(f"train_optim_{args.tag}", {"config": vars(cfg), "results": results})
+        print(f"wrote {path}")
+        return
+    report(results, vars(cfg))
+
+
+def report(results: dict, cfg: dict) -> None:
+    """Print the table of final losses and gaps to AdamW; write train_optim.json and .png."""
     base = results.get("AdamW", {}).get("final_val_loss")
     rows = []
     for name, r in results.items():
@@ -75,7 +96,7 @@ def main() -> None:
                          state_bytes_per_param=r["state_bytes_per_param"], diverged_at=r["diverged_at"],
                          median_step_s=r["median_step_time_s"]))
     print(format_table(rows))
-    path = write_json("train_optim", {"config": vars(cfg), "lr": LR, "weight_decay": WD, "betas": BETAS,
+    path = write_json("train_optim", {"config": cfg, "lr": LR, "weight_decay": WD, "betas": BETAS,
                                       "results": results, "summary": rows})
     print(f"wrote {path}")
     try:
