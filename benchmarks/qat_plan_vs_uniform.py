@@ -1,7 +1,8 @@
 """QAT with a sensitivity plan vs uniform bits, at the same average bit width.
 
 Digits MLP (sklearn's load_digits, real data that ships with scikit-learn): pretrain in fp32,
-score every layer with PQI (and, for reference, measured and HAWQ) on the training split,
+score every layer with PQI (and, for reference, measured and HAWQ) on the training split or on a
+held-out calibration split (``--calib N``),
 choose a plan at ``--avg-bits`` (parameter-weighted) with the integer program, then run QAT twice
 from the same pretrained weights with the same seed, minibatch order and step count: once with
 the plan, once with every layer at ``--uniform-bits``. Prints the validation loss (with the
@@ -35,15 +36,18 @@ import lowprec.sensitivity as S  # noqa: E402
 from lowprec.qat import apply_plan  # noqa: E402
 
 
-def digits(seed: int):
+def digits(seed: int, calib: int = 0):
     from sklearn.datasets import load_digits
 
     X, y = load_digits(return_X_y=True)
     X = torch.tensor(X, dtype=torch.float32) / 16.0
     y = torch.tensor(y)
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    tr, va = perm[:1400], perm[1400:]
-    return (X[tr], y[tr]), (X[va], y[va])
+    if calib <= 0:
+        tr, ca, va = perm[:1400], perm[:1400], perm[1400:]
+    else:  # a held-out calibration split for scoring, disjoint from train and validation
+        tr, ca, va = perm[:1400 - calib], perm[1400 - calib:1400], perm[1400:]
+    return (X[tr], y[tr]), (X[ca], y[ca]), (X[va], y[va])
 
 
 def mlp(sizes: list[int], seed: int) -> nn.Sequential:
@@ -147,6 +151,10 @@ def main() -> None:
     ap.add_argument("--bits", default="2,3,4")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-every", type=int, default=50)
+    ap.add_argument("--calib", type=int, default=0,
+                    help="digits: score on this many held-out training examples (not trained on) instead of the "
+                         "training split; the fp32 model memorises its training split, so its train-loss sensitivities "
+                         "say little about validation loss")
     ap.add_argument("--repeats", type=int, default=5, help="digits: QAT runs per plan (minibatch seeds), paired")
     args = ap.parse_args()
     if args.model == "llama":
@@ -155,13 +163,13 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     bits = tuple(int(b) for b in args.bits.split(","))
 
-    train, val = digits(args.seed)
+    train, calib, val = digits(args.seed, args.calib)
     base = mlp(sizes, args.seed)
     t0 = time.perf_counter()
     fit(base, train, val, args.pretrain_steps, args.lr, args.batch, args.seed, args.pretrain_steps)
     print(f"pretrained fp32 MLP {sizes}: val loss {val_loss(base, val):.4f} ({time.perf_counter() - t0:.1f} s)")
 
-    reports = {m: S.score(base, ce, [train], method=m, bits=bits, progress=False) for m in ("pqi", "measured", "hawq")}
+    reports = {m: S.score(base, ce, [calib], method=m, bits=bits, progress=False) for m in ("pqi", "measured", "hawq")}
     print(reports["pqi"])
     plans = {m: S.select_bits(r, avg_bits=args.avg_bits) for m, r in reports.items()}
     uniform = {n: args.uniform_bits for n in reports["pqi"].layers}
