@@ -172,7 +172,7 @@ def _digits():
     return x, torch.tensor(d.target)
 
 
-def _train(model, opt, steps=150, batch=128, sched=None):
+def _train(model, opt, steps=150, batch=64, sched=None):
     x, y = _digits()
     losses = []
     gen = torch.Generator().manual_seed(0)
@@ -192,10 +192,10 @@ def _train(model, opt, steps=150, batch=128, sched=None):
                                     (AdamW4bit, {"factor_second_moment": True}), (AdamW4bit, {"v_mode": "rank1"})])
 def test_loss_goes_down_on_digits(cls, kw):
     model = _mlp()
-    opt = cls(model.parameters(), lr=3e-3, compile=False, **kw)
-    losses = _train(model, opt, steps=100)
+    opt = cls(model.parameters(), lr=1e-2, compile=False, **kw)
+    losses = _train(model, opt, steps=40)
     assert all(math.isfinite(v) for v in losses)
-    assert sum(losses[-10:]) / 10 < 0.35 * sum(losses[:10]) / 10
+    assert sum(losses[-5:]) / 5 < 0.35 * sum(losses[:5]) / 5
     assert "exp_avg_codes" in opt.state[model[0].weight]  # 8192 elements: quantized
     assert "exp_avg" in opt.state[model[0].bias]  # 128 elements: fp32
 
