@@ -90,9 +90,12 @@ def run_demo(
     params = sum(p.numel() for p in fp32_model.parameters())
 
     results = {}
-    results["fp32 + AdamW"] = train(fp32_model, fp32_opt, corpus, config, progress=progress, desc="fp32 + AdamW")
     label = f"{LOWPREC_RECIPE} + {LOWPREC_OPTIMIZER}"
-    results[label] = train(lp_model, lp_opt, corpus, config, progress=progress, desc=label)
+    for name, model, opt in (("fp32 + AdamW", fp32_model, fp32_opt), (label, lp_model, lp_opt)):
+        t0 = time.perf_counter()
+        results[name] = r = train(model, opt, corpus, config, progress=progress, desc=name)
+        print(f"  {name}: validation loss {r.final_val_loss:.4f} after {len(r.train_loss)} steps "
+              f"({time.perf_counter() - t0:.0f} s)", flush=True)
 
     fp32_res, lp_res = results["fp32 + AdamW"], results[label]
     fp32_bytes, lp_bytes = runs.optimizer_state_bytes(fp32_opt), runs.optimizer_state_bytes(lp_opt)
