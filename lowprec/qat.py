@@ -14,11 +14,20 @@ convolutions alike.
 
 The weight quantizer, :func:`fake_quant_weight`, is the one the sensitivity scorers use, so a
 layer is trained with exactly the rounding it was scored with.
+
+Per-channel scale: ``"absmax"`` (the default) maps each row's largest magnitude to ``qmax``;
+``"mse"`` clips: it picks, per row, the clipping ratio on a fixed grid that minimises the
+squared rounding error (the grid includes 1.0, so it is never worse than absmax). At 2 and 3
+bits this matters: symmetric INT2 has only the codes {-1, 0, 1}, and with an absmax scale
+almost every weight of a bell-shaped row rounds to 0. Clipping to an MSE-optimal range is the
+standard remedy (e.g. the clipping search of AWQ / OmniQuant, Banner et al. 2019's ACIQ).
+:func:`scale_method` sets the default for a block of code (so scoring can use the same rule).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -39,32 +48,79 @@ def check_bits(bits: Any, where: str = "bits") -> int:
     return bits
 
 
-def fake_quant_weight(weight: torch.Tensor, bits: int) -> torch.Tensor:
+SCALE_METHODS = ("absmax", "mse")
+# Clipping ratios searched by the "mse" scale: 1.0 down to 0.2 in steps of 0.02 (41 candidates).
+MSE_CLIP_RATIOS = tuple(round(1.0 - 0.02 * i, 2) for i in range(41))
+_default_scale_method = "absmax"
+
+
+def _check_scale_method(method: Any) -> str:
+    if method not in SCALE_METHODS:
+        raise ValueError(f"per-channel scale method must be one of {SCALE_METHODS}; got {method!r}")
+    return method
+
+
+@contextlib.contextmanager
+def scale_method(method: str) -> Iterator[None]:
+    """Within the block, :func:`fake_quant_weight` (and so the sensitivity scorers and
+    :func:`apply_plan`) default to ``method`` ("absmax" or "mse")."""
+    global _default_scale_method
+    prev, _default_scale_method = _default_scale_method, _check_scale_method(method)
+    try:
+        yield
+    finally:
+        _default_scale_method = prev
+
+
+def mse_row_scale(flat: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per-row INT-``bits`` scale (``qmax / clip``) whose clip, a ratio from :data:`MSE_CLIP_RATIOS`
+    of the row's amax, gives the least squared rounding error. Shape ``(rows, 1)``, float32."""
+    fmt = int_format(bits)
+    x = flat.float()
+    amax = x.abs().amax(dim=1, keepdim=True).clamp_min(1e-12)
+    best_err = torch.full_like(amax, float("inf"))
+    best = fmt.qmax / amax
+    for r in MSE_CLIP_RATIOS:
+        s = fmt.qmax / (amax * r)
+        q = (x * s).round_().clamp_(fmt.qmin, fmt.qmax).div_(s)
+        err = (q - x).square_().sum(dim=1, keepdim=True)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, s, best)
+    return best
+
+
+def fake_quant_weight(weight: torch.Tensor, bits: int, method: str | None = None) -> torch.Tensor:
     """``weight`` rounded to symmetric per-output-channel INT-``bits`` and back (no gradient).
 
     Output channels are dim 0 (``nn.Linear``'s ``(out, in)``, a convolution's ``(out, in, *k)``);
-    each gets its own scale ``qmax / amax`` over the rest of the tensor, round half to even.
+    each gets its own scale over the rest of the tensor, round half to even: ``qmax / amax``
+    (``method="absmax"``) or the MSE-optimal clipped scale (``"mse"``, :func:`mse_row_scale`).
+    ``method=None`` takes the default that :func:`scale_method` sets ("absmax" outside it).
     """
     if weight.dim() < 2:
         raise ValueError(f"per-output-channel quantization needs a weight with 2 or more dims; got shape {tuple(weight.shape)}")
+    method = _check_scale_method(_default_scale_method if method is None else method)
     w = weight.detach()
     flat = w.reshape(w.shape[0], -1)
-    return fake_quantize(flat, int_format(bits), None, "row").reshape(w.shape)
+    scale = None if method == "absmax" else mse_row_scale(flat, bits)
+    return fake_quantize(flat, int_format(bits), scale, "row").reshape(w.shape)
 
 
 class IntWeightFakeQuant(nn.Module):
     """Parametrization: ``W -> W + (Q_b(W) - W).detach()`` (value Q_b(W), gradient identity)."""
 
-    def __init__(self, bits: int) -> None:
+    def __init__(self, bits: int, method: str | None = None) -> None:
         super().__init__()
         self.bits = check_bits(bits)
+        self.method = _check_scale_method(_default_scale_method if method is None else method)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        q = fake_quant_weight(weight, self.bits).to(weight.dtype)
+        q = fake_quant_weight(weight, self.bits, self.method).to(weight.dtype)
         return weight + (q - weight).detach()
 
     def extra_repr(self) -> str:
-        return f"int{self.bits}, per-output-channel, straight-through"
+        return f"int{self.bits}, per-output-channel {self.method} scale, straight-through"
 
 
 def _existing(module: nn.Module) -> IntWeightFakeQuant | None:
@@ -82,7 +138,9 @@ def planned_bits(module: nn.Module) -> int | None:
     return None if p is None else p.bits
 
 
-def apply_plan(model: nn.Module, plan: Mapping[str, int], recipe: Any = None, report: Any = None) -> nn.Module:
+def apply_plan(
+    model: nn.Module, plan: Mapping[str, int], recipe: Any = None, report: Any = None, *, method: str | None = None
+) -> nn.Module:
     """Fake-quantize each planned module's weight at its planned bits (in place; returns ``model``).
 
     ``plan``: qualified module name -> bits. Every name must exist in ``model`` and name a module
@@ -90,7 +148,9 @@ def apply_plan(model: nn.Module, plan: Mapping[str, int], recipe: Any = None, re
     is changed. A module planned twice gets the new bit width (no stacked rounding). Modules the
     recipe excludes (``[exclude] patterns``) are left alone and reported as skipped.
     ``report`` is a :class:`lowprec.recipes.ConversionReport` (``add``/``skip``), or None.
+    ``method``: the per-channel scale rule, "absmax" or "mse" (None: the :func:`scale_method` default).
     """
+    method = _check_scale_method(_default_scale_method if method is None else method)
     if not isinstance(plan, Mapping):
         raise TypeError(f"a plan maps qualified module names to bit widths; got {type(plan).__name__}")
     qformat = getattr(getattr(recipe, "qat", None), "format", "int")
@@ -121,12 +181,12 @@ def apply_plan(model: nn.Module, plan: Mapping[str, int], recipe: Any = None, re
             continue
         existing = _existing(module)
         if existing is not None:
-            existing.bits = bits
+            existing.bits, existing.method = bits, method
         else:
-            parametrize.register_parametrization(module, "weight", IntWeightFakeQuant(bits))
+            parametrize.register_parametrization(module, "weight", IntWeightFakeQuant(bits, method))
         if report is not None:
             prev = getattr(report, "converted", {}).get(name)
-            what = f"QAT fake-quant int{bits} per-output-channel (STE)"
+            what = f"QAT fake-quant int{bits} per-output-channel {method} scale (STE)"
             report.add(name, f"{prev} + {what}" if prev and "QAT" not in prev else what)
     return model
 

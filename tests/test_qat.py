@@ -14,7 +14,7 @@ from torch import nn
 import lowprec
 from lowprec.fp8.gemm import CastGemm
 from lowprec.fp8.linear import LowPrecisionLinear
-from lowprec.qat import apply_plan, fake_quant_weight, planned_bits, remove_plan
+from lowprec.qat import apply_plan, fake_quant_weight, planned_bits, remove_plan, scale_method
 from lowprec.recipes import CastConfig, ConversionReport, Recipe
 
 
@@ -132,3 +132,36 @@ def test_bad_plans_are_clear_errors_and_change_nothing():
     rep = ConversionReport()
     apply_plan(model, {"0": 3}, Recipe(exclude=lowprec.recipes.ExcludeConfig(patterns=("0",))), rep)
     assert planned_bits(model[0]) is None and "0" in rep.skipped
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_mse_scale_is_on_a_clipped_grid_and_never_worse_than_absmax(bits):
+    torch.manual_seed(bits)
+    # Bell-shaped rows, heavy-tailed rows, rows of very different magnitude and an all-zero row.
+    w = torch.cat([torch.randn(8, 64), torch.distributions.StudentT(2.0).sample((8, 64)), torch.zeros(1, 64)])
+    w = w * torch.logspace(-3, 1, w.shape[0])[:, None]
+    qa, qm = fake_quant_weight(w, bits, "absmax"), fake_quant_weight(w, bits, "mse")
+    err_a, err_m = (qa - w).square().sum(dim=1), (qm - w).square().sum(dim=1)
+    assert (err_m <= err_a * (1 + 1e-6)).all()  # the search includes ratio 1.0 (absmax)
+    assert (err_m[:16] < err_a[:16]).sum() >= 12  # and clipping helps most rows at low bits
+    assert torch.equal(qm[-1], torch.zeros(64))
+    qmax = 2 ** (bits - 1) - 1
+    step = qm.abs().amax(dim=1, keepdim=True).clamp_min(1e-30) / qmax  # the largest code is +-qmax (clipped)
+    codes = qm[:-1] / step[:-1]
+    assert torch.allclose(codes, codes.round(), atol=1e-3) and codes.abs().max() <= qmax + 1e-3
+    assert (qm.abs().amax(dim=1) <= w.abs().amax(dim=1) * (1 + 1e-6)).all()  # clipped, never stretched
+
+
+def test_scale_method_context_sets_the_default_and_plans_keep_theirs():
+    w = torch.randn(6, 32)
+    assert torch.equal(fake_quant_weight(w, 2), fake_quant_weight(w, 2, "absmax"))
+    with scale_method("mse"):
+        assert torch.equal(fake_quant_weight(w, 2), fake_quant_weight(w, 2, "mse"))
+        model = apply_plan(_model(), {"2": 2})
+    assert torch.equal(fake_quant_weight(w, 2), fake_quant_weight(w, 2, "absmax"))  # restored
+    master = model[2].parametrizations.weight.original
+    assert torch.equal(model[2].weight, fake_quant_weight(master, 2, "mse"))  # fixed at apply time
+    with pytest.raises(ValueError, match="absmax.*mse"):
+        apply_plan(_model(), {"2": 2}, method="minmax")
+    with pytest.raises(ValueError, match="absmax.*mse"):
+        fake_quant_weight(w, 2, "l1")
