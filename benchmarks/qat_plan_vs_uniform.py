@@ -22,7 +22,10 @@ itself (a tie). Scored on a held-out calibration split (``--calib 200``, disjoin
 and validation: the default now), the PQI plan, at or below 3.0 average bits (MSE scale), ended
 QAT lower than uniform int3 in all 5 settings tried on the 64-256-256-256-10 MLP (the default
 here: 22 of 25 pairs), and in 3 of 5 on the 64-256-128-64-10 MLP (1 loss, 1 tie where PQI chose
-uniform; 12 of 20 pairs, differences about the seed-to-seed spread). At 400 pretraining steps QAT continues training on a memorised split
+uniform; 12 of 20 pairs, differences about the seed-to-seed spread). Control: on the default setting uniform *int2* ends QAT at 0.1352 (plan 0.1342, won 2/5 pairs),
+also below uniform int3 (0.1451): on 1.4k digits fewer bits regularise, held-out PQI scores at
+INT2 are near zero or negative, and the plan's win over int3 comes from spending fewer bits, not
+from moving bits to sensitive layers at an equal budget. At 400 pretraining steps QAT continues training on a memorised split
 and every arm's validation loss rises, which makes the comparison noisy; 100 steps (the default)
 leaves the model short of that.
 
