@@ -25,7 +25,9 @@ here: 22 of 25 pairs), and in 3 of 5 on the 64-256-128-64-10 MLP (1 loss, 1 tie 
 uniform; 12 of 20 pairs, differences about the seed-to-seed spread). Control: on the default setting uniform *int2* ends QAT at 0.1352 (plan 0.1342, won 2/5 pairs),
 also below uniform int3 (0.1451): on 1.4k digits fewer bits regularise, held-out PQI scores at
 INT2 are near zero or negative, and the plan's win over int3 comes from spending fewer bits, not
-from moving bits to sensitive layers at an equal budget. At 400 pretraining steps QAT continues training on a memorised split
+from moving bits to sensitive layers at an equal budget. With ``--pretrain-steps 400 --qat-lr 1e-4``
+uniform int2 (0.1187) beats both the plan (0.1446, 2.67 bits) and uniform int3 (0.1498), 5/5: on
+this data validation loss is governed by overfitting, not by quantization error. At 400 pretraining steps QAT continues training on a memorised split
 and every arm's validation loss rises, which makes the comparison noisy; 100 steps (the default)
 leaves the model short of that.
 
