@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -60,4 +61,9 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # gloo's worker threads can abort in C++ static destructors at interpreter exit, after all
+    # work is done and written; skip them (the test checks what was written).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

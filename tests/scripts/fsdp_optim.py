@@ -7,6 +7,7 @@ same model unsharded in one process as the reference; rank 0 writes the findings
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import torch
@@ -74,8 +75,14 @@ def main() -> None:
     if rank == 0:
         with open(out, "w") as f:
             json.dump(gathered, f)
+    dist.barrier()  # no rank tears gloo down while another still uses it
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
+    # gloo's worker threads can abort ("terminate called without an active exception") in C++
+    # static destructors at interpreter exit, after all work is done and checked; skip them.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
