@@ -18,13 +18,6 @@ from lowprec.training import TrainConfig, train
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=4, max_position_embeddings=32)
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: these models are tiny, and on a shared 2-core machine more threads only wait."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 CFG = TrainConfig(steps=6, batch_size=8, seq_len=32, warmup_steps=2, eval_every=3, eval_batches=1)

@@ -18,6 +18,8 @@ import torch
 
 from lowprec import cli, numerics, runs
 
+pytestmark = pytest.mark.usefixtures("eager_quantized_adamw")
+
 TINY_CONFIG = {"model_type": "llama", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
                "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2,
                "max_position_embeddings": 64}
@@ -309,15 +311,6 @@ def test_sensitivity_writes_report_and_a_plan_within_budget(tmp_path, tiny_confi
     assert (out / "sensitivity.json").is_file()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; on a shared 2-core machine they only contend."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.skipif(not _has("lowprec.qat", "apply_plan") or not _has("lowprec.sensitivity", "select_bits"),
                     reason="lowprec.qat / lowprec.sensitivity not in this build")
 def test_a_sensitivity_plan_feeds_train_plan(tmp_path, tiny_config, capsys):
@@ -352,13 +345,3 @@ def test_demo_runs_both_sides_and_writes_its_files(tmp_path, capsys):
         plan = json.loads((tmp_path / "demo" / "plan.json").read_text())
         assert plan == m["sensitivity"]["plan"] and set(plan.values()) <= {2, 3, 4, 8}
 
-
-@pytest.fixture(autouse=True)
-def _eager_quantized_adamw(monkeypatch):
-    """torch.compile of a quantized AdamW step costs 20 to 85 s cold on this CPU (design.md); the
-    compiled step is checked against the eager one by the optimizer's own tests, so here it runs eagerly."""
-    try:
-        from lowprec.optim.adamw import QuantizedAdamW
-    except ImportError:
-        return
-    monkeypatch.setitem(QuantizedAdamW.__init__.__kwdefaults__, "compile", False)

@@ -33,15 +33,6 @@ COMMON = dict(steps=STEPS, batch_size=BATCH, seq_len=SEQ, model_overrides=SMALL,
               eval_every=STEPS, eval_batches=1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread (the ranks get OMP_NUM_THREADS=1 too): tiny models on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _best_combination() -> tuple[str, str]:
     """unit-fp8 + AdamW4bit when both work on the small Llama, else the best of what has landed."""
     import lowprec

@@ -18,15 +18,6 @@ from lowprec.qat import apply_plan, fake_quant_weight, planned_bits, remove_plan
 from lowprec.recipes import CastConfig, ConversionReport, Recipe
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is far cheaper in CPU time on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _model(seed=0):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 32), nn.GELU(), nn.Linear(32, 4))

@@ -22,6 +22,8 @@ import torch
 from lowprec import cli
 from lowprec.recipes import Recipe, available
 
+pytestmark = pytest.mark.usefixtures("eager_quantized_adamw")
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -65,14 +67,6 @@ def _commands(code: str) -> list[str]:
         if line and not line.startswith("#"):
             cmds.append(line)
     return cmds
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -146,13 +140,3 @@ def test_readme_lists_every_shipped_recipe_and_command():
     for target in ("demo", "test"):
         assert f"make {target}" in text and re.search(rf"^{target}:", makefile, re.M)
 
-
-@pytest.fixture(autouse=True)
-def _eager_quantized_adamw(monkeypatch):
-    """torch.compile of a quantized AdamW step costs 20 to 85 s cold on this CPU (design.md); the
-    compiled step is checked against the eager one by the optimizer's own tests, so here it runs eagerly."""
-    try:
-        from lowprec.optim.adamw import QuantizedAdamW
-    except ImportError:
-        return
-    monkeypatch.setitem(QuantizedAdamW.__init__.__kwdefaults__, "compile", False)

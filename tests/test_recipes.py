@@ -16,20 +16,13 @@ from lowprec import runs
 from lowprec.recipes import Recipe, RecipeError, available, convert
 from lowprec.training import TrainConfig, train
 
+pytestmark = pytest.mark.usefixtures("eager_quantized_adamw")
+
 # Small enough to train in a fraction of a second, with every matmul dimension a multiple of 16
 # (FP8 GEMMs leave other layers in high precision, which would hide what a recipe does).
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
             num_key_value_heads=2, max_position_embeddings=64)
 STEPS = 5
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; on a shared 2-core machine they only contend."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny_llama(seed: int = 0):
@@ -143,13 +136,3 @@ def test_a_copied_and_edited_recipe_file_loads(tmp_path):
     r = lowprec.recipes.resolve(str(path))
     assert (r.name, r.optimizer.lr, r.source) == ("mine", 1e-3, str(path))
 
-
-@pytest.fixture(autouse=True)
-def _eager_quantized_adamw(monkeypatch):
-    """torch.compile of a quantized AdamW step costs 20 to 85 s cold on this CPU (design.md); the
-    compiled step is checked against the eager one by the optimizer's own tests, so here it runs eagerly."""
-    try:
-        from lowprec.optim.adamw import QuantizedAdamW
-    except ImportError:
-        return
-    monkeypatch.setitem(QuantizedAdamW.__init__.__kwdefaults__, "compile", False)

@@ -426,5 +426,5 @@ def cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int = -100, mul
     total = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum")
     count = (targets != ignore_index).sum().clamp_min(1).to(total.dtype)
     mean = total / count
-    # value of the mean, gradient of the sum
-    return total + (mean - total).detach()
+    # value of the mean (exact: the added term is zero in value), gradient of the sum
+    return mean.detach() + (total - total.detach())
