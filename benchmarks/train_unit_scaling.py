@@ -42,7 +42,12 @@ def run(side: str, lr: float, cfg: TrainConfig, args: argparse.Namespace) -> dic
     model = demo_llama(seed=args.seed)
     if side == "unit":
         model = lowprec.convert(model, args.recipe)
-        opt = torch.optim.AdamW(param_groups(model, lr, weight_decay=args.weight_decay), lr=lr, betas=BETAS)
+        # param_groups decays every parameter by lr * wd per step at the BASE rate (u-muP's
+        # LR-independent decay), so the recipe's own weight decay applies here, not the fp32 one.
+        wd = args.unit_weight_decay
+        if wd is None:
+            wd = lowprec.recipes.resolve(args.recipe).optimizer.weight_decay
+        opt = torch.optim.AdamW(param_groups(model, lr, weight_decay=wd), lr=lr, betas=BETAS)
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.weight_decay, betas=BETAS)
     t0 = time.perf_counter()
@@ -71,11 +76,13 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--recipe", default="unit-fp16")
-    ap.add_argument("--weight-decay", type=float, default=0.1)
+    ap.add_argument("--weight-decay", type=float, default=0.1, help="fp32 side's AdamW weight decay")
+    ap.add_argument("--unit-weight-decay", type=float, default=None,
+                    help="unit side's (u-muP, per step at the base rate); default: the recipe's")
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--tune-steps", type=int, default=100, help="0: no tuning, use the first lr of each list")
     ap.add_argument("--fp32-lrs", default="1e-3,3e-3,1e-2")
-    ap.add_argument("--unit-lrs", default="0.5,1,2")
+    ap.add_argument("--unit-lrs", default="0.2,0.3,0.5")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--name", default="train_unit_scaling", help="JSON/PNG file name under bench_results/")
     ap.add_argument("--side", choices=("both", "fp32", "unit"), default="both",
