@@ -275,6 +275,31 @@ def test_select_bits_is_the_exact_optimum(seed):
     assert S.plan_size(rep, plan)["score"] == pytest.approx(best, rel=1e-9, abs=1e-12)
 
 
+def test_select_bits_exact_spends_the_whole_budget():
+    """exact=True: the best plan among those whose average is exactly the budget (brute force), which
+    a budget-or-below plan can undercut; an unreachable exact budget is a clear error."""
+    names = [f"l{i}" for i in range(5)]
+    n_params = {"l0": 100, "l1": 100, "l2": 300, "l3": 300, "l4": 200}
+    rows = {n: 4 for n in names}
+    g = torch.Generator().manual_seed(7)
+    scores = {}
+    for n in names:  # a layer's score can rise with bits (noisy held-out scores), so "at or below" may not be exact
+        scores[n] = dict(zip((2, 3, 4), (torch.rand(3, generator=g) - 0.3).tolist()))
+    rep = S.SensitivityReport("pqi", (2, 3, 4), scores, n_params, rows)
+    total = sum(n_params.values())
+    plans = list(itertools.product((2, 3, 4), repeat=5))
+    for avg in (2.5, 3.0, 3.5):
+        exact = [p for p in plans if sum(n_params[k] * b for k, b in zip(names, p)) == avg * total]
+        best = min(sum(scores[k][b] for k, b in zip(names, p)) for p in exact)
+        plan = S.select_bits(rep, avg_bits=avg, exact=True)
+        assert S.plan_size(rep, plan)["avg_bits"] == pytest.approx(avg, abs=1e-12)
+        assert S.plan_size(rep, plan)["score"] == pytest.approx(best, rel=1e-9, abs=1e-12)
+        assert S.plan_size(rep, S.select_bits(rep, avg_bits=avg))["score"] <= best + 1e-12
+    # 2.01 * 1000 = 2010 bits: every plan's size is a multiple of 100, so it cannot be reached exactly
+    with pytest.raises(ValueError, match=r"exact=True: .*largest plan within it is an average of 2 bits"):
+        S.select_bits(rep, avg_bits=2.01, exact=True)
+
+
 def test_pareto_frontier_is_monotone_and_spans_sizes(tmp_path):
     rep = _random_report(seed=3)
     front = S.pareto_frontier(rep, points=30)

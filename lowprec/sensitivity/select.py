@@ -43,7 +43,8 @@ def _weights(report: SensitivityReport, cand, layers, unit: str) -> np.ndarray:
     return np.array([[report.size_bytes(n, b) for b in cand] for n in layers], dtype=np.float64)
 
 
-def _solve(c: np.ndarray, w: np.ndarray, budget: float) -> np.ndarray:
+def _solve(c: np.ndarray, w: np.ndarray, budget: float, lower: float = -np.inf) -> np.ndarray | None:
+    """The optimal one-hot choice per layer with ``lower <= sum w x <= budget``; None if infeasible."""
     from scipy.optimize import Bounds, LinearConstraint, milp
 
     L, K = c.shape
@@ -54,11 +55,13 @@ def _solve(c: np.ndarray, w: np.ndarray, budget: float) -> np.ndarray:
     span = float(np.abs(c).max()) or 1.0
     res = milp(
         c.reshape(-1) / span,
-        constraints=[LinearConstraint(one_hot, 1.0, 1.0), LinearConstraint(w.reshape(1, -1), -np.inf, budget)],
+        constraints=[LinearConstraint(one_hot, 1.0, 1.0), LinearConstraint(w.reshape(1, -1), lower, budget)],
         integrality=np.ones(L * K),
         bounds=Bounds(0.0, 1.0),
         options={"mip_rel_gap": 0.0, "presolve": False},
     )
+    if res.status == 2:  # infeasible: only possible with a lower bound (the all-smallest plan fits otherwise)
+        return None
     if not res.success or res.x is None:
         raise RuntimeError(f"the bit-selection integer program failed: {res.message}")
     return np.round(res.x).reshape(L, K).argmax(axis=1)
@@ -69,12 +72,18 @@ def select_bits(
     avg_bits: float | None = None,
     size_budget_bytes: float | None = None,
     bits: Sequence[int] | None = None,
+    exact: bool = False,
 ) -> dict[str, int]:
     """The plan (layer -> bits) that minimises the total score within the budget.
 
     Give exactly one of ``avg_bits`` (parameter-weighted average bit width) or
     ``size_budget_bytes``. ``bits`` restricts the candidates to a subset of the report's.
     A budget below what the smallest candidate bit width needs is an error that states the minimum.
+
+    ``exact=True`` spends the whole budget: the plan's size must equal it (an average of exactly
+    ``avg_bits``; for bytes, exactly ``size_budget_bytes``), so a comparison against a uniform
+    plan of the same size is not won by a smaller plan. When no combination of layer sizes reaches
+    the budget exactly, a ValueError says so and names the largest size at or below it.
     """
     if (avg_bits is None) == (size_budget_bytes is None):
         raise ValueError("give exactly one budget: avg_bits=... or size_budget_bytes=...")
@@ -98,8 +107,17 @@ def select_bits(
         if budget < minimum:
             raise ValueError(f"size_budget_bytes={size_budget_bytes:g} is below the minimum {int(minimum)} bytes that the "
                              f"smallest bit width ({min(cand)}) allows (codes plus fp32 per-channel scales)")
+    target = budget
     budget = budget * (1 + 1e-12) + 1e-9
-    choice = _solve(c, w, budget)
+    lower = target * (1 - 1e-12) - 1e-9 if exact else -np.inf
+    choice = _solve(c, w, budget, lower)
+    if choice is None:
+        closest = _solve(-w, w, budget)  # the largest plan within the budget
+        size = float(w[np.arange(len(layers)), closest].sum())
+        what = (f"an average of {size / float(sum(report.n_params[n] for n in layers)):.6g} bits" if avg_bits is not None
+                else f"{size:.0f} bytes")
+        raise ValueError(f"exact=True: no plan over bit widths {cand} reaches the budget exactly with these layer sizes; "
+                         f"the largest plan within it is {what}")
     return {n: cand[j] for n, j in zip(layers, choice)}
 
 
@@ -126,6 +144,7 @@ def pareto_frontier(report: SensitivityReport, points: int = 24, bits: Sequence[
     out: dict[tuple[int, ...], dict[str, Any]] = {}
     for budget in np.linspace(lo, hi, max(2, points)):
         choice = _solve(c, w, float(budget) + 1e-9)
+        assert choice is not None  # no lower bound: the all-smallest plan is always feasible
         key = tuple(int(j) for j in choice)
         if key not in out:
             plan = {n: cand[j] for n, j in zip(layers, choice)}
