@@ -115,67 +115,208 @@ def fit(model, train, val, steps: int, lr: float, batch: int, seed: int, eval_ev
     return curve
 
 
-def llama_main(args) -> None:
-    from bench_sensitivity import loss_fn, pretrained_llama
+LLAMA_ARMS = ("pqi", "uniform3", "shuffled", "anti", "uniform2", "uniform4")
 
-    from lowprec.data import batch_at, eval_batches, stdlib_corpus
+
+def decoder_linears(model: nn.Module, include_head: bool) -> list[str]:
+    """The Llama's quantized layers: every decoder nn.Linear (q/k/v/o, gate/up/down), plus
+    ``lm_head`` when ``include_head``. The embedding is never quantized (as the recipes exclude it)."""
+    return [n for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and (include_head or n != "lm_head")]
+
+
+def shuffled_plan(plan: dict[str, int], n_params: dict[str, int], seed: int) -> dict[str, int]:
+    """The plan's bit widths permuted at random among layers of the same size: the same average
+    bits and the same multiset of widths per layer shape, placed without regard to sensitivity."""
+    gen = torch.Generator().manual_seed(seed)
+    out = dict(plan)
+    for size in sorted(set(n_params.values())):
+        names = [n for n in plan if n_params[n] == size]
+        perm = torch.randperm(len(names), generator=gen).tolist()
+        for n, j in zip(names, perm):
+            out[n] = plan[names[j]]
+    return out
+
+
+def negated(report: S.SensitivityReport) -> S.SensitivityReport:
+    return S.SensitivityReport(report.method, report.bits, {n: {b: -v for b, v in d.items()} for n, d in report.scores.items()},
+                               report.n_params, report.rows, report.base_loss)
+
+
+def llama_pretrained(corpus, steps: int, batch: int, seed: int, tag: str) -> tuple[nn.Module, dict]:
+    """The demo Llama after ``steps`` AdamW steps (lr 3e-3, wd 0.1, batch ``batch`` x 128) on the
+    QAT training split only (the calibration split is never trained on). Cached state dict."""
+    from common import RESULTS_DIR
+
+    from lowprec.models import demo_llama
+    from lowprec.training import TrainConfig, train
+
+    model = demo_llama(seed=seed)
+    path = RESULTS_DIR / f"qat_llama_pretrained_{steps}x{batch}_seed{seed}_{tag}.pt"
+    if path.is_file():
+        model.load_state_dict(torch.load(path, weights_only=True))
+        return model, {"cached": str(path)}
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1, betas=(0.9, 0.95))
+    t = time.perf_counter()
+    res = train(model, opt, corpus, TrainConfig(steps=steps, batch_size=batch, seq_len=128, seed=seed,
+                                                eval_every=max(steps // 3, 1)))
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path)
+    return model, {"val_loss": res.val_loss, "time_s": time.perf_counter() - t, "saved": str(path)}
+
+
+def llama_main(args) -> None:
+    """Paired QAT seeds on the demo Llama: PQI plan at exactly ``--avg-bits`` vs uniform and controls."""
+    from bench_sensitivity import loss_fn
+
+    from lowprec.data import TextCorpus, batch_at, eval_batches, stdlib_corpus
     from lowprec.training import TrainConfig, evaluate, train
 
     torch.set_num_threads(args.threads)
     bits = tuple(int(b) for b in args.bits.split(","))
-    base, pre = pretrained_llama(args.pretrain_steps)
-    corpus = stdlib_corpus()
-    val = eval_batches(corpus.val, 8, args.batch, 128)
+    seeds = [int(x) for x in args.seeds.split(",")]
+    arms = args.arms.split(",")
+    bad = [a for a in arms if a not in LLAMA_ARMS and not (a.startswith("uniform") and a[7:].isdigit())]
+    if bad:
+        raise SystemExit(f"--arms: unknown {bad}; choose from {LLAMA_ARMS} (or uniformK)")
+    full = stdlib_corpus()
+    # Calibration split: the last --calib-bytes of the training text, held out from pretraining
+    # and QAT alike (and disjoint from the validation files).
+    qat_corpus = TextCorpus(full.train[:-args.calib_bytes], full.val, full.source + " (train minus calibration tail)")
+    calib_tokens = full.train[-args.calib_bytes:]
+    val = eval_batches(full.val, args.val_batches, 16, 128)
+    t0 = time.perf_counter()
+    base, pre = llama_pretrained(qat_corpus, args.pretrain_steps, 16, 0, f"calib{args.calib_bytes}")
     fp32_val = evaluate(base, val)
-    print(f"demo Llama pretrained {args.pretrain_steps} steps: val loss {fp32_val:.4f}")
-    if args.report:
-        report = S.SensitivityReport.from_json(args.report)
-        print(f"PQI report from {args.report}")
-    else:
-        batches = [batch_at(corpus.train, 1_000_000 + i, 4, 128, seed=0) for i in range(2)]
-        with scale_method(args.scale):
-            report = S.score(base, loss_fn, batches, method="pqi", bits=bits, progress=False)
-    plan = S.select_bits(report, avg_bits=args.avg_bits, bits=bits)
-    uniform = {n: args.uniform_bits for n in report.layers}
-    print(f"PQI plan at avg {args.avg_bits}: avg {S.plan_size(report, plan)['avg_bits']:.3f} bits, "
-          + " ".join(f"int{b}: {sum(1 for v in plan.values() if v == b)} layers" for b in bits))
-    results, rows = {}, []
-    for label, p in (("pqi_plan", plan), ("uniform", uniform)):
-        model = copy.deepcopy(base)
-        apply_plan(model, p, method=args.scale)
-        before = evaluate(model, val)
-        opt = torch.optim.AdamW(model.parameters(), lr=args.qat_lr, weight_decay=0.0, betas=(0.9, 0.95))
-        t = time.perf_counter()
-        res = train(model, opt, corpus, TrainConfig(steps=args.qat_steps, batch_size=args.batch, seq_len=128,
-                                                    seed=args.seed + 1, warmup_steps=10, eval_every=args.eval_every))
-        results[label] = {"plan": p, "avg_bits": S.plan_size(report, p)["avg_bits"], "val_loss_before_qat": before,
-                          "val_loss_after_qat": res.final_val_loss, "curve": res.val_loss, "time_s": time.perf_counter() - t}
-        rows.append({"run": label, "avg_bits": results[label]["avg_bits"], "val_before_qat": before,
-                     "val_after_qat": res.final_val_loss, "time_s": results[label]["time_s"]})
-        print(f"{label}: val {before:.4f} -> {res.final_val_loss:.4f}  curve {res.val_loss}")
-    print(format_table(rows))
-    win = results["pqi_plan"]["val_loss_after_qat"] < results["uniform"]["val_loss_after_qat"]
-    print(f"PQI plan {'beats' if win else 'does NOT beat'} uniform int{args.uniform_bits} after {args.qat_steps} QAT steps: "
-          f"{results['pqi_plan']['val_loss_after_qat']:.4f} vs {results['uniform']['val_loss_after_qat']:.4f}")
-    path = write_json("qat_plan_vs_uniform_llama" + args.tag, {"args": vars(args), "fp32_val_loss": fp32_val, "pretrain": pre,
-                                                    "runs": results, "pqi_plan_wins": win})
-    print(f"wrote {path}")
+    print(f"demo Llama pretrained {args.pretrain_steps}x16 on {qat_corpus.train.numel():,} training bytes "
+          f"({time.perf_counter() - t0:.0f} s): fp32 val loss {fp32_val:.4f} on {args.val_batches}x16x128 validation tokens")
+
+    layers = decoder_linears(base, args.include_head)
+    calib = [batch_at(calib_tokens, i, args.calib_batch, 128, seed=12345) for i in range(args.calib_batches)]
+    t = time.perf_counter()
+    with scale_method(args.scale):
+        report = S.score(base, loss_fn, calib, method="pqi", bits=bits, layers=layers, points=2, progress=False)
+    score_s = time.perf_counter() - t
+    print(report)
+    print(f"PQI on {args.calib_batches}x{args.calib_batch}x128 held-out calibration tokens, {args.scale} scale: {score_s:.0f} s")
+
+    plan = S.select_bits(report, avg_bits=args.avg_bits, bits=bits, exact=True)
+    anti = S.select_bits(negated(report), avg_bits=args.avg_bits, bits=bits, exact=True)
+
+    def plan_for(arm: str, seed: int) -> dict[str, int]:
+        if arm == "pqi":
+            return plan
+        if arm == "anti":
+            return anti
+        if arm == "shuffled":
+            return shuffled_plan(plan, report.n_params, 1000 + seed)
+        return {n: int(arm[7:]) for n in layers}
+
+    def describe(p: dict[str, int]) -> str:
+        return " ".join(f"int{b}:{sum(1 for v in p.values() if v == b)}" for b in bits)
+
+    for name, p in (("PQI", plan), ("anti-PQI", anti)):
+        size = S.plan_size(report, p)
+        print(f"{name} plan: avg {size['avg_bits']:.4f} bits, predicted loss increase {size['score']:.4f}, {describe(p)}")
+        print("   " + " ".join(f"{n.replace('model.layers.', 'L').replace('.self_attn', '').replace('.mlp', '')}:{b}"
+                             for n, b in p.items()))
+
+    runs: dict[str, dict] = {}
+    ptq_cache: dict[tuple, float] = {}
+    out_path = None
+    for seed in seeds:
+        for arm in arms:
+            p = plan_for(arm, seed)
+            model = copy.deepcopy(base)
+            apply_plan(model, p, method=args.scale)
+            key = tuple(sorted(p.items()))
+            if key not in ptq_cache:
+                ptq_cache[key] = evaluate(model, val)
+            opt = torch.optim.AdamW(model.parameters(), lr=args.qat_lr, weight_decay=0.0, betas=(0.9, 0.95))
+            t = time.perf_counter()
+            res = train(model, opt, qat_corpus, TrainConfig(steps=args.qat_steps, batch_size=args.batch, seq_len=128,
+                                                            seed=100 + seed, warmup_steps=10, eval_every=args.qat_steps))
+            after = evaluate(model, val)
+            size = S.plan_size(report, p)
+            runs.setdefault(arm, {})[str(seed)] = {
+                "plan": p, "avg_bits": size["avg_bits"], "predicted_increase": size["score"],
+                "val_loss_before_qat": ptq_cache[key], "val_loss_after_qat": after,
+                "train_loss_last10": statistics.mean(res.train_loss[-10:]), "time_s": time.perf_counter() - t}
+            print(f"seed {seed} {arm:>9}: avg {size['avg_bits']:.4f} bits  val {ptq_cache[key]:.4f} (PTQ) -> "
+                  f"{after:.4f} after {args.qat_steps} QAT steps  ({time.perf_counter() - t:.0f} s)", flush=True)
+            out_path = write_json("qat_plan_vs_uniform_llama" + args.tag, {
+                "args": vars(args), "fp32_val_loss": fp32_val, "pretrain": pre, "layers": layers,
+                "report": report.to_dict(), "score_time_s": score_s, "pqi_plan": plan, "anti_plan": anti,
+                "runs": runs, "complete": False})
+
+    done = [s for s in seeds if all(str(s) in runs.get(a, {}) for a in arms)]
+    rows = []
+    for s in done:
+        row = {"seed": s}
+        for a in arms:
+            row[a] = runs[a][str(s)]["val_loss_after_qat"]
+        if "pqi" in arms and "uniform3" in arms:
+            row["pqi-uniform3"] = row["pqi"] - row["uniform3"]
+        rows.append(row)
+    mean = {"seed": "mean"}
+    for k in rows[0]:
+        if k != "seed":
+            mean[k] = statistics.mean(r[k] for r in rows)
+    sd = {"seed": "std"}
+    for k in rows[0]:
+        if k != "seed" and len(rows) > 1:
+            sd[k] = statistics.stdev(r[k] for r in rows)
+    ptq = {"seed": "PTQ (before QAT)"}
+    bits_row = {"seed": "avg bits"}
+    for a in arms:
+        ptq[a] = statistics.mean(runs[a][str(s)]["val_loss_before_qat"] for s in done)
+        bits_row[a] = runs[a][str(done[0])]["avg_bits"]
+    print(f"\nvalidation loss after {args.qat_steps} QAT steps (batch {args.batch}, lr {args.qat_lr}) per paired seed; "
+          f"fp32 model {fp32_val:.4f}")
+    table = [{k: (f"{v:+.4f}" if k == "pqi-uniform3" else f"{v:.4f}") if isinstance(v, float) else v for k, v in r.items()}
+             for r in (*rows, mean, sd, ptq, bits_row)]
+    print(format_table(table))
+    summary = {}
+    if "pqi" in arms:
+        for other in arms:
+            if other == "pqi":
+                continue
+            diffs = [runs["pqi"][str(s)]["val_loss_after_qat"] - runs[other][str(s)]["val_loss_after_qat"] for s in done]
+            summary[f"pqi_minus_{other}"] = {"each": diffs, "mean": statistics.mean(diffs),
+                                             "pqi_lower_in": sum(d < 0 for d in diffs), "pairs": len(diffs)}
+            print(f"PQI plan minus {other:>9}: mean {statistics.mean(diffs):+.4f}, PQI lower in "
+                  f"{sum(d < 0 for d in diffs)}/{len(diffs)} pairs  ({' '.join(f'{d:+.4f}' for d in diffs)})")
+    out_path = write_json("qat_plan_vs_uniform_llama" + args.tag, {
+        "args": vars(args), "fp32_val_loss": fp32_val, "pretrain": pre, "layers": layers,
+        "report": report.to_dict(), "score_time_s": score_s, "pqi_plan": plan, "anti_plan": anti,
+        "runs": runs, "summary": summary, "complete": len(done) == len(seeds)})
+    print(f"wrote {out_path}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", choices=("digits", "llama"), default="digits")
-    ap.add_argument("--report", default="", help="llama: a saved PQI SensitivityReport JSON to plan from")
+    ap.add_argument("--model", choices=("digits", "llama"), default="llama")
+    ap.add_argument("--seeds", default="0,1,2", help="llama: paired QAT data-order seeds (every arm runs each)")
+    ap.add_argument("--arms", default=",".join(LLAMA_ARMS),
+                    help="llama: pqi (PQI plan at exactly --avg-bits), uniformK, shuffled (the PQI plan's widths "
+                         "permuted among same-size layers), anti (the plan that maximises the PQI score at the budget)")
+    ap.add_argument("--calib-bytes", type=int, default=200_000,
+                    help="llama: the tail of the training text held out (never trained on) for PQI scoring")
+    ap.add_argument("--calib-batches", type=int, default=4)
+    ap.add_argument("--calib-batch", type=int, default=8)
+    ap.add_argument("--val-batches", type=int, default=16, help="llama: validation batches of 16x128 tokens")
+    ap.add_argument("--include-head", action="store_true", help="llama: quantize lm_head too (default: decoder linears only)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--sizes", default="64,256,256,256,10",
                     help="digits MLP widths: two equal, wide hidden layers and small first/last layers")
-    ap.add_argument("--pretrain-steps", type=int, default=100,
-                    help="digits: 100 leaves the fp32 MLP short of memorising its training split (at 400 it has, "
-                         "and QAT raises every arm's validation loss); llama: the cached demo model's steps")
-    ap.add_argument("--qat-steps", type=int, default=300)
+    ap.add_argument("--pretrain-steps", type=int, default=None,
+                    help="digits (default 100): 100 leaves the fp32 MLP short of memorising its training split (at 400 "
+                         "it has, and QAT raises every arm's validation loss); llama (default 300): AdamW steps at batch "
+                         "16 on the training text minus the calibration tail (cached under bench_results/)")
+    ap.add_argument("--qat-steps", type=int, default=None, help="default: digits 300, llama 150")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--qat-lr", type=float, default=1e-3)
-    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=None, help="default: digits 128, llama 8 (sequences of 128 bytes)")
     ap.add_argument("--avg-bits", type=float, default=3.0)
     ap.add_argument("--uniform-bits", type=int, default=3)
     ap.add_argument("--bits", default="2,3,4")
@@ -191,6 +332,9 @@ def main() -> None:
                          "say little about validation loss")
     ap.add_argument("--repeats", type=int, default=5, help="digits: QAT runs per plan (minibatch seeds), paired")
     args = ap.parse_args()
+    for key, digits_default, llama_default in (("pretrain_steps", 100, 300), ("qat_steps", 300, 150), ("batch", 128, 8)):
+        if getattr(args, key) is None:
+            setattr(args, key, llama_default if args.model == "llama" else digits_default)
     if args.model == "llama":
         return llama_main(args)
     torch.set_num_threads(args.threads)
