@@ -66,7 +66,7 @@ class CastConfig:
     history_len: int = 1024  # delayed scaling amax window
     amax_reduction: str = "max"  # max | most_recent
     margin: int = 0  # scale = FP8_MAX / amax / 2**margin
-    gemm: str = "scaled_mm"  # scaled_mm (torch._scaled_mm) | emulated (dequantize, then matmul)
+    gemm: str = "auto"  # auto (scaled_mm on CUDA, emulated elsewhere) | scaled_mm (torch._scaled_mm) | emulated (widen, then matmul)
     smooth_swiglu: bool = False  # Fishman et al. 2025: per-channel scale before the down projection
     # Module kinds kept in high precision (design.md: embedding, LM head and norms by default).
     keep_high_precision: tuple[str, ...] = ("embedding", "lm_head", "norm")
@@ -162,7 +162,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "cast.forward": ("e4m3", "e5m2"),
     "cast.backward": ("e4m3", "e5m2"),
     "cast.amax_reduction": ("max", "most_recent"),
-    "cast.gemm": ("scaled_mm", "emulated"),
+    "cast.gemm": ("auto", "scaled_mm", "emulated"),
     "optimizer.name": ("AdamW", "AdamW8bit", "AdamW4bit", "AdamWFp8"),
     "optimizer.schedule": ("cosine", "constant"),
     "qat.format": ("int",),

@@ -406,3 +406,60 @@ def test_tiny_llama_trains_under_fp8_like_fp32(corpus):
     assert r.diverged_at is None
     assert sum(r.train_loss[-5:]) / 5 < r.train_loss[0] - 1.0
     assert abs(r.final_val_loss - out["fp32"].final_val_loss) / out["fp32"].final_val_loss < 0.03
+
+
+# ----------------------------------------------------------------------------------------------
+# The CPU fast path: fused cast-and-widen, and the "auto" GEMM
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", [E4M3, E5M2], ids=["e4m3", "e5m2"])
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "eager"])
+def test_cast_widened_bit_exact(fmt, compiled, monkeypatch):
+    """The emulated GEMM's operand equals the FP8 cast widened to float32, bit for bit: every
+    FP8 value and every midpoint between neighbours (ties to even), saturation, zeros, NaN."""
+    from lowprec.fp8.functional import cast_widened, widen
+
+    monkeypatch.setenv("LOWPREC_COMPILE", "1" if compiled else "0")
+    codes = torch.arange(256, dtype=torch.uint8).view(fmt.dtype).float()
+    finite = codes[torch.isfinite(codes)].unique()
+    mids = (finite[1:] + finite[:-1]) / 2
+    special = torch.tensor([0.0, -0.0, 1e-30, -1e-30, fmt.max * 1.01, -fmt.max * 4, float("inf"), -float("inf"),
+                            float("nan")])
+    x = torch.cat([finite, mids, special, torch.randn(4096) * fmt.max / 8]).reshape(-1, 1).repeat(1, 3)
+    for scale in (torch.tensor(1.0), torch.tensor(0.37)):
+        ref = widen(_q(x, fmt, scale))
+        out = cast_widened(x, scale, fmt)
+        nan = torch.isnan(ref)
+        assert torch.equal(torch.isnan(out), nan)
+        assert torch.equal(out[~nan].view(torch.int32), ref[~nan].view(torch.int32))
+
+
+def test_auto_gemm_backend_resolves_by_device():
+    from lowprec.fp8.functional import resolve_backend
+
+    assert resolve_backend("auto", torch.device("cpu")) == "emulated"
+    assert resolve_backend("auto", torch.device("cuda")) == "scaled_mm"
+    assert resolve_backend("scaled_mm", torch.device("cpu")) == "scaled_mm"
+    with pytest.raises(ValueError, match="FP8 GEMM backend"):
+        resolve_backend("tensor_cores", torch.device("cpu"))
+
+
+def test_auto_gemm_matches_explicit_backends():
+    """A recipe's default GEMM ("auto") on the CPU gives the emulated GEMM's outputs and gradients
+    exactly, and torch._scaled_mm's to float32 rounding."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 128, requires_grad=True)
+    base = nn.Sequential(nn.Linear(128, 96))
+    outs = {}
+    for backend in ("auto", "emulated", "scaled_mm"):
+        model = copy.deepcopy(base)
+        lowprec.convert(model, _fp8_recipe(gemm=backend))
+        xi = x.detach().clone().requires_grad_()
+        y = model(xi)
+        y.pow(2).sum().backward()
+        outs[backend] = (y.detach(), xi.grad, model[0].weight.grad)
+    for a, b in zip(outs["auto"], outs["emulated"]):
+        assert torch.equal(a, b)
+    for a, b in zip(outs["auto"], outs["scaled_mm"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -29,10 +29,12 @@ from torch import nn
 from lowprec.formats import FloatFormat
 from lowprec.fp8.functional import (
     GEMM_BACKENDS,
+    cast_widened,
     forward_gemm,
     fp8_mm,
     grad_input_gemm,
     grad_weight_gemm,
+    resolve_backend,
     widen,
 )
 from lowprec.fp8.scaling import (
@@ -91,7 +93,8 @@ class _Fp8LinearFn(torch.autograd.Function):
         if smooth is not None:
             x2 = x2 * smooth.to(x2.dtype)
             w_eff = weight / smooth.to(weight.dtype)
-        ctx.mod, ctx.kind, ctx.has_bias = mod, sc.kind, bias is not None
+        backend = resolve_backend(mod.backend, x.device)
+        ctx.mod, ctx.kind, ctx.has_bias, ctx.backend = mod, sc.kind, bias is not None, backend
         ctx.x_dtype, ctx.w_dtype, ctx.x_shape = x.dtype, weight.dtype, x.shape
         if sc.kind == "blockwise":
             xd, _ = mod._blockwise(x2, X, fwd, (1, sc.block_act))
@@ -101,17 +104,16 @@ class _Fp8LinearFn(torch.autograd.Function):
         elif sc.kind == "rowwise":
             xq, sx = mod._rowwise(x2, X, fwd, dim=1)
             wq, sw = mod._rowwise(w_eff, W, fwd, dim=1)
-            y = forward_gemm(xq, wq, 1.0 / sx, 1.0 / sw, torch.float32, mod.backend)
+            y = forward_gemm(xq, wq, 1.0 / sx, 1.0 / sw, torch.float32, backend)
             ctx.save_for_backward(x2, w_eff, smooth)
         else:
             need_t = x.is_cuda  # the GPU GEMM wants its second operand column-major
-            xq, xqt, sx = mod._tensorwise(x2, X, fwd, need_t)
-            wq, wqt, sw = mod._tensorwise(w_eff, W, fwd, need_t, force_current=mod.smooth)
-            if mod.backend == "emulated":
-                # Widen the FP8 values once (exactly) and keep them for the backward: the emulated
-                # GEMMs then never convert the same operand twice.
-                xq, xqt, wq, wqt = widen(xq), None, widen(wq), None
-            y = forward_gemm(xq, wq, 1.0 / sx, 1.0 / sw, torch.float32, mod.backend)
+            # The emulated GEMMs take the FP8 values widened to float32 (exactly), made once and
+            # kept for the backward, so no operand is converted twice.
+            wide = backend == "emulated"
+            xq, xqt, sx = mod._tensorwise(x2, X, fwd, need_t, widened=wide)
+            wq, wqt, sw = mod._tensorwise(w_eff, W, fwd, need_t, force_current=mod.smooth, widened=wide)
+            y = forward_gemm(xq, wq, 1.0 / sx, 1.0 / sw, torch.float32, backend)
             ctx.save_for_backward(xq, xqt, wq, wqt, sx, sw, smooth)
         if bias is not None:
             y = y + bias.float()
@@ -139,24 +141,22 @@ class _Fp8LinearFn(torch.autograd.Function):
             if need_x:
                 dyq, sdy = mod._rowwise(dy2, DY, bwd, dim=1)
                 wq_c, sw_c = mod._rowwise(w_eff, W, fwd, dim=0, count=False)
-                gx = grad_input_gemm(dyq, wq_c, 1.0 / sdy, 1.0 / sw_c, torch.float32, mod.backend)
+                gx = grad_input_gemm(dyq, wq_c, 1.0 / sdy, 1.0 / sw_c, torch.float32, ctx.backend)
             if need_w:
                 dyq_c, sdy_c = mod._rowwise(dy2, DY, bwd, dim=0, count=not need_x)
                 xq_c, sx_c = mod._rowwise(x2, X, fwd, dim=0, count=False)
-                gw = grad_weight_gemm(dyq_c.t(), xq_c, 1.0 / sdy_c.t(), 1.0 / sx_c, torch.float32, mod.backend)
+                gw = grad_weight_gemm(dyq_c.t(), xq_c, 1.0 / sdy_c.t(), 1.0 / sx_c, torch.float32, ctx.backend)
         else:
             xq, xqt, wq, wqt, sx, sw, smooth = ctx.saved_tensors
             need_t = dy2.is_cuda
-            dyq, dyqt, sdy = mod._tensorwise(dy2, DY, bwd, need_t)
-            if mod.backend == "emulated":
-                dyq, dyqt = widen(dyq), None
+            dyq, dyqt, sdy = mod._tensorwise(dy2, DY, bwd, need_t, widened=ctx.backend == "emulated")
             if need_x:
                 w_nk = wqt.t() if wqt is not None else wq
-                gx = grad_input_gemm(dyq, w_nk, 1.0 / sdy, 1.0 / sw, torch.float32, mod.backend)
+                gx = grad_input_gemm(dyq, w_nk, 1.0 / sdy, 1.0 / sw, torch.float32, ctx.backend)
             if need_w:
                 dy_t = dyqt if dyqt is not None else dyq.t()
                 x_mk = xqt.t() if xqt is not None else xq
-                gw = grad_weight_gemm(dy_t, x_mk, 1.0 / sdy, 1.0 / sx, torch.float32, mod.backend)
+                gw = grad_weight_gemm(dy_t, x_mk, 1.0 / sdy, 1.0 / sx, torch.float32, ctx.backend)
         if smooth is not None:
             if gx is not None:
                 gx = gx * smooth
@@ -175,7 +175,7 @@ class Fp8Gemm(nn.Module):
     """FP8 GEMM backend for a linear-like module (``gemm(x, weight, bias)`` == ``F.linear`` up to
     FP8 rounding, with gradients). See the module docstring for the state it keeps."""
 
-    def __init__(self, scaling: ScalingConfig | None = None, backend: str = "scaled_mm", smooth: bool = False,
+    def __init__(self, scaling: ScalingConfig | None = None, backend: str = "auto", smooth: bool = False,
                  debug: bool = False, name: str = "", group=None) -> None:
         super().__init__()
         self.scaling = scaling if scaling is not None else ScalingConfig()
@@ -245,12 +245,25 @@ class Fp8Gemm(nn.Module):
                 self.last_amax[role] = a
 
     # -- per-tensor (current, delayed, none) -----------------------------------------------------
+    def _cast(self, t: torch.Tensor, s: torch.Tensor, fmt: FloatFormat, transpose: bool, widened: bool,
+              need_amax: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """``(q, q^T or None, amax or None)``: the FP8 cast of ``t * s``; ``widened``: q as float32
+        values (exact) for the emulated GEMM, in one fused pass where available."""
+        if widened and not transpose:
+            return cast_widened(t, s, fmt), None, (tensor_amax(t) if need_amax else None)
+        q, qt, amax = cast_transpose(t, s, fmt, transpose)
+        if widened:
+            q, qt = widen(q), (widen(qt) if qt is not None else None)
+        return q, qt, amax
+
     def _tensorwise(self, t: torch.Tensor, role: int, fmt: FloatFormat, transpose: bool, force_current: bool = False,
-                    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+                    widened: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Per-tensor cast of operand ``role``: ``(q, q^T or None, scale)``; ``widened`` gives the
+        FP8 values as float32 (what the emulated GEMM consumes)."""
         kind = "current" if force_current else self.scaling.kind
         if kind == "none":
             s = torch.ones((), device=t.device)
-            q, qt, amax = cast_transpose(t, s, fmt, transpose)
+            q, qt, amax = self._cast(t, s, fmt, transpose, widened, need_amax=True)
             self._note_amax(amax, role)
             return q, qt, s
         delayed = kind == "delayed"
@@ -259,7 +272,7 @@ class Fp8Gemm(nn.Module):
             amax = all_reduce_amax(tensor_amax(t), self.group)
             self._note_amax(amax, role)
             s, kept = next_scale(amax, self.scale[role], fmt.max, self.scaling.margin)
-            q, qt, _ = cast_transpose(t, s, fmt, transpose)
+            q, qt, _ = self._cast(t, s, fmt, transpose, widened, need_amax=False)
             if update:
                 with torch.no_grad():
                     self.kept_scale_events[role] += kept.to(torch.int64)
@@ -270,7 +283,7 @@ class Fp8Gemm(nn.Module):
                         self.initialized[role] = True
             return q, qt, s
         s = self.scale[role].clone()  # the scale computed from earlier amaxes (used now)
-        q, qt, amax = cast_transpose(t, s, fmt, transpose)
+        q, qt, amax = self._cast(t, s, fmt, transpose, widened, need_amax=True)
         amax = all_reduce_amax(amax, self.group)
         self._note_amax(amax, role)
         if update:
