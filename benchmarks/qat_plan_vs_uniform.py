@@ -115,7 +115,7 @@ def fit(model, train, val, steps: int, lr: float, batch: int, seed: int, eval_ev
     return curve
 
 
-LLAMA_ARMS = ("pqi", "uniform3", "shuffled", "anti", "uniform2", "uniform4")
+LLAMA_ARMS = ("pqi", "uniform3", "shuffled", "anti", "uniform2", "uniform4", "fp32")
 
 
 def decoder_linears(model: nn.Module, include_head: bool) -> list[str]:
@@ -210,6 +210,8 @@ def llama_main(args) -> None:
             return anti
         if arm == "shuffled":
             return shuffled_plan(plan, report.n_params, 1000 + seed)
+        if arm == "fp32":  # no fake-quant: the same continued training, the floor every arm is measured against
+            return {}
         return {n: int(arm[7:]) for n in layers}
 
     def describe(p: dict[str, int]) -> str:
@@ -237,7 +239,7 @@ def llama_main(args) -> None:
             res = train(model, opt, qat_corpus, TrainConfig(steps=args.qat_steps, batch_size=args.batch, seq_len=128,
                                                             seed=100 + seed, warmup_steps=10, eval_every=args.qat_steps))
             after = evaluate(model, val)
-            size = S.plan_size(report, p)
+            size = S.plan_size(report, p) if p else {"avg_bits": 32.0, "score": 0.0}
             runs.setdefault(arm, {})[str(seed)] = {
                 "plan": p, "avg_bits": size["avg_bits"], "predicted_increase": size["score"],
                 "val_loss_before_qat": ptq_cache[key], "val_loss_after_qat": after,
@@ -299,7 +301,8 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2", help="llama: paired QAT data-order seeds (every arm runs each)")
     ap.add_argument("--arms", default=",".join(LLAMA_ARMS),
                     help="llama: pqi (PQI plan at exactly --avg-bits), uniformK, shuffled (the PQI plan's widths "
-                         "permuted among same-size layers), anti (the plan that maximises the PQI score at the budget)")
+                         "permuted among same-size layers), anti (the plan that maximises the PQI score at the budget), "
+                         "fp32 (the same continued training without fake-quant)")
     ap.add_argument("--calib-bytes", type=int, default=200_000,
                     help="llama: the tail of the training text held out (never trained on) for PQI scoring")
     ap.add_argument("--calib-batches", type=int, default=4)
