@@ -22,9 +22,12 @@ from lowprec.optim.state_quant import (
     V_E5M2_B256,
     V_LINEAR4_B128,
     StateFormat,
+    decode4_arith,
     dequantize_blocks,
     dequantize_rank1,
     encode,
+    encode4_arith,
+    encode_codebook_search,
     encode_i32,
     pack_halves,
     quantize_blocks,
@@ -364,22 +367,41 @@ def test_zero_point_in_v_map_diverges_ours_does_not():
 # ----------------------------------------------------------------------------------------------
 
 
+def test_vector_friendly_4bit_encode_decode_equal_the_tables():
+    """The compiled path's 4-bit decode (affine for the linear map, a select tree otherwise) equals
+    the table on every code, and its encode (closed form / select-driven binary search) equals the
+    table-based binary search on random values, every code value, every midpoint and its two
+    float32 neighbours, values beyond the map, tiny, huge, signed zeros, infinities and NaN."""
+    for sf in (M_DE4_B128, V_LINEAR4_B128):
+        codes = torch.arange(16, dtype=torch.int32)
+        assert torch.equal(decode4_arith(codes, sf), sf.table())
+        mids = sf.midpoints()
+        x = torch.cat([torch.rand(20000) * 2.2 - 1.1, torch.rand(20000) * 1e-2, sf.table(), -sf.table(), mids,
+                       mids.nextafter(torch.tensor(2.0)), mids.nextafter(torch.tensor(-2.0)),
+                       torch.tensor([0.0, -0.0, 1e-45, -1e-45, 1e-38, 3e38, -3e38, float("inf"), -float("inf"),
+                                     float("nan")])])
+        want = encode_codebook_search(x, mids, sf.search_steps)
+        assert torch.equal(encode4_arith(x, sf).to(torch.uint8), want)
+
+
 @pytest.mark.slow
-def test_compiled_step_matches_eager_reference():
-    """The torch.compile'd 4-bit step (one graph for every block count) against the eager
-    reference, 3 steps, two different sizes."""
-    for n in (8192, 4096 * 3 + 128):
+@pytest.mark.parametrize("mf,vf", [(M_DE4_B128, V_LINEAR4_B128), (M_E4M3_B256, V_E5M2_B256)])
+def test_compiled_step_matches_eager_reference(mf, vf, monkeypatch):
+    """The optimizer's compiled CPU step (two graphs per format pair, block count dynamic, run in
+    chunks) against the eager reference, bit for bit, 3 steps, two sizes, several chunks each."""
+    from lowprec.optim import adamw as A
+
+    monkeypatch.setattr(A, "CPU_CHUNK_ELEMENTS", 16 * mf.block_size)
+    for n in (64 * mf.block_size, 37 * mf.block_size):
         torch.manual_seed(n)
-        p = torch.randn(n // 128, 128)
-        args = [zero_state(n, M_DE4_B128), zero_state(n, V_LINEAR4_B128)]
+        p = torch.randn(n // mf.block_size, mf.block_size)
+        args = [zero_state(n, mf), zero_state(n, vf)]
         ref = [p.clone(), *(t.clone() for s in args for t in s)]
         fast = [p.clone(), *(t.clone() for s in args for t in s)]
-        step = torch.compile(F.adamw_blocks_fast_, dynamic=False, fullgraph=True)
         for i in range(1, 4):
             g = torch.randn_like(p) * 1e-2
             hp = F.hyperparams(1e-2, 0.9, 0.999, 1e-8, 0.01, i)
-            F.adamw_blocks_(ref[0], g, *ref[1:], hp, M_DE4_B128, V_LINEAR4_B128)
-            torch._dynamo.maybe_mark_dynamic(fast[0], 0)
-            step(fast[0], g, *fast[1:], hp, M_DE4_B128, V_LINEAR4_B128)
+            F.adamw_blocks_(ref[0], g, *ref[1:], hp, mf, vf)
+            A._compiled_blocks_step(fast[0], g, *fast[1:], hp, mf, vf, False)
             for a, b in zip(ref, fast):
                 assert torch.equal(a, b)

@@ -101,49 +101,91 @@ def adamw_blocks_(p: torch.Tensor, g: torch.Tensor, m_codes: torch.Tensor, m_abs
     v_absmax.copy_(va)
 
 
+def _codes_i32(codes: torch.Tensor, sf: StateFormat, block_size: int) -> torch.Tensor:
+    """int32 ``(n_blocks, B)`` codes of stored codes, in element order. Packed 4-bit bytes are read
+    twice (a concatenation, which inductor lowers to two contiguous loads) and shifted by 0 for
+    the first half-block and 4 for the second: no interleaving, so the loop stays vectorised."""
+    ci = codes.to(torch.int32)
+    if not sf.packed:
+        return ci
+    shift = (torch.arange(block_size, device=codes.device, dtype=torch.int32) >= block_size // 2).to(torch.int32) * 4
+    return (torch.cat([ci, ci], dim=-1) >> shift) & 0x0F
+
+
+def _old_and_new_moments(g: torch.Tensor, m_codes: torch.Tensor, m_absmax: torch.Tensor, v_codes: torch.Tensor,
+                         v_absmax: torch.Tensor, hp: torch.Tensor, m_fmt: StateFormat, v_fmt: StateFormat,
+                         maximize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """New fp32 ``(n_blocks, B)`` moments from the stored ones (int32 codes, vector-friendly decode)."""
+    bs = g.shape[-1]
+    gf = g.float()
+    if maximize:
+        gf = -gf
+    m_old = decode_i32(_codes_i32(m_codes, m_fmt, bs), m_fmt) * m_absmax[:, None]
+    v_old = decode_i32(_codes_i32(v_codes, v_fmt, bs), v_fmt) * v_absmax[:, None]
+    return _moments(m_old, v_old, gf, hp)
+
+
+def adamw_blocks_update_(p: torch.Tensor, g: torch.Tensor, m_codes: torch.Tensor, m_absmax: torch.Tensor,
+                         v_codes: torch.Tensor, v_absmax: torch.Tensor, hp: torch.Tensor,
+                         m_fmt: StateFormat, v_fmt: StateFormat, maximize: bool = False
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pass 1 of the compiled CPU step: decode, update the moments, write ``p``, and return the new
+    moments' per-block absmax. One loop over ``(n_blocks, B)``; the states are only read.
+
+    The square root is float32's own: inductor's vector ``sqrt`` is the correctly rounded
+    instruction, equal to :func:`sqrt_rn` (the compiled step is checked bit for bit against the
+    eager reference), and a float64 round trip would halve the vector width. Run eagerly it
+    takes :func:`sqrt_rn` (torch's eager float32 ``sqrt`` is not correctly rounded)."""
+    m, v = _old_and_new_moments(g, m_codes, m_absmax, v_codes, v_absmax, hp, m_fmt, v_fmt, maximize)
+    va = flush_tiny(v.amax(dim=-1))  # v >= 0
+    ma = flush_tiny(m.abs().amax(dim=-1))
+    root = torch.sqrt(v) if torch.compiler.is_compiling() else sqrt_rn(v)
+    denom = root / hp[HP_BC2_SQRT] + hp[HP_EPS]
+    p.copy_((p.float() * hp[HP_DECAY] + hp[HP_NEG_STEP] * (m / denom)).to(p.dtype))
+    return ma, va
+
+
+def adamw_blocks_requantize_(g: torch.Tensor, m_codes: torch.Tensor, m_absmax: torch.Tensor,
+                             v_codes: torch.Tensor, v_absmax: torch.Tensor, new_m_absmax: torch.Tensor,
+                             new_v_absmax: torch.Tensor, hp: torch.Tensor, m_fmt: StateFormat,
+                             v_fmt: StateFormat, maximize: bool = False) -> None:
+    """Pass 2: recompute the new moments from the *old* states (cheaper than storing 8 bytes per
+    element of fp32 moments between the passes) and overwrite the codes with their encoding under
+    the new absmax. One loop over the code bytes; 4-bit maps compute both half-blocks of a byte
+    side by side. The absmax tensors are written by the caller (they are read here)."""
+    mi = safe_reciprocal(new_m_absmax)[:, None]
+    vi = safe_reciprocal(new_v_absmax)[:, None]
+    if not m_fmt.packed or not v_fmt.packed:
+        m, v = _old_and_new_moments(g, m_codes, m_absmax, v_codes, v_absmax, hp, m_fmt, v_fmt, maximize)
+        m_codes.copy_(encode_i32(m * mi, m_fmt).to(torch.uint8))
+        v_codes.copy_(encode_i32(v * vi, v_fmt).to(torch.uint8))
+        return
+    half = m_codes.shape[-1]
+    mc = m_codes.to(torch.int32)
+    vc = v_codes.to(torch.int32)
+    codes = []
+    for h in (0, 1):
+        gf = g[:, h * half:(h + 1) * half].float()
+        if maximize:
+            gf = -gf
+        m_old = decode_i32((mc >> (4 * h)) & 0x0F, m_fmt) * m_absmax[:, None]
+        v_old = decode_i32((vc >> (4 * h)) & 0x0F, v_fmt) * v_absmax[:, None]
+        m, v = _moments(m_old, v_old, gf, hp)
+        codes.append((encode_i32(m * mi, m_fmt), encode_i32(v * vi, v_fmt)))
+    (m0, v0), (m1, v1) = codes
+    m_codes.copy_((m0 | (m1 << 4)).to(torch.uint8))
+    v_codes.copy_((v0 | (v1 << 4)).to(torch.uint8))
+
+
 def adamw_blocks_fast_(p: torch.Tensor, g: torch.Tensor, m_codes: torch.Tensor, m_absmax: torch.Tensor,
                        v_codes: torch.Tensor, v_absmax: torch.Tensor, hp: torch.Tensor,
                        m_fmt: StateFormat, v_fmt: StateFormat, maximize: bool = False) -> None:
-    """:func:`adamw_blocks_` written for ``torch.compile``: identical results (tested). Codes are
-    int32 inside (inductor's uint8 vector code measured 30-300x slower), 4-bit maps decode by
-    selects and encode by compare-and-count on constants (no gathers), FP8 by casts, and the 4-bit
-    halves are handled separately (contiguous loads, no concatenation)."""
-    if not m_fmt.packed or not v_fmt.packed:
-        gf = g.float()
-        if maximize:
-            gf = -gf
-        m_old = decode_i32(m_codes.to(torch.int32), m_fmt) * m_absmax[:, None]
-        v_old = decode_i32(v_codes.to(torch.int32), v_fmt) * v_absmax[:, None]
-        m, v = _moments(m_old, v_old, gf, hp)
-        p.copy_(_param_update(p.float(), m, v, hp))
-        ma = flush_tiny(m.abs().amax(dim=-1))
-        va = flush_tiny(v.abs().amax(dim=-1))
-        m_codes.copy_(encode_i32(m * safe_reciprocal(ma)[:, None], m_fmt).to(torch.uint8))
-        v_codes.copy_(encode_i32(v * safe_reciprocal(va)[:, None], v_fmt).to(torch.uint8))
-        m_absmax.copy_(ma)
-        v_absmax.copy_(va)
-        return
-    half = p.shape[-1] // 2
-    ma_old = m_absmax[:, None]
-    va_old = v_absmax[:, None]
-    outs = []
-    for h, shift in ((0, 0), (1, 4)):
-        sl = slice(h * half, (h + 1) * half)
-        gf = g[:, sl].float()
-        if maximize:
-            gf = -gf
-        mcode = (m_codes.to(torch.int32) >> shift) & 0x0F
-        vcode = (v_codes.to(torch.int32) >> shift) & 0x0F
-        m, v = _moments(decode_i32(mcode, m_fmt) * ma_old, decode_i32(vcode, v_fmt) * va_old, gf, hp)
-        p[:, sl] = _param_update(p[:, sl].float(), m, v, hp).to(p.dtype)
-        outs.append((m, v))
-    (m0, v0), (m1, v1) = outs
-    ma = flush_tiny(torch.maximum(m0.abs().amax(dim=-1), m1.abs().amax(dim=-1)))
-    va = flush_tiny(torch.maximum(v0.abs().amax(dim=-1), v1.abs().amax(dim=-1)))
-    mi = safe_reciprocal(ma)[:, None]
-    vi = safe_reciprocal(va)[:, None]
-    m_codes.copy_((encode_i32(m0 * mi, m_fmt) | (encode_i32(m1 * mi, m_fmt) << 4)).to(torch.uint8))
-    v_codes.copy_((encode_i32(v0 * vi, v_fmt) | (encode_i32(v1 * vi, v_fmt) << 4)).to(torch.uint8))
+    """:func:`adamw_blocks_` as the two passes the compiled CPU step runs
+    (:func:`adamw_blocks_update_`, then :func:`adamw_blocks_requantize_`): identical results
+    (tested). Codes are int32 inside (inductor's uint8 vector code measured 30-300x slower),
+    4-bit maps decode and encode by arithmetic and selects on constants (no gathers), FP8 by casts."""
+    ma, va = adamw_blocks_update_(p, g, m_codes, m_absmax, v_codes, v_absmax, hp, m_fmt, v_fmt, maximize)
+    adamw_blocks_requantize_(g, m_codes, m_absmax, v_codes, v_absmax, ma, va, hp, m_fmt, v_fmt, maximize)
     m_absmax.copy_(ma)
     v_absmax.copy_(va)
 
@@ -207,55 +249,7 @@ def adamw_factored_(p: torch.Tensor, g: torch.Tensor, m_codes: torch.Tensor, m_a
     v_col.copy_(c)
 
 
-__all__ = ["absmax4_pass", "update4_pass_",
-    "hyperparams", "adamw_blocks_", "adamw_blocks_fast_", "adamw_fp32_", "adamw_rank1_", "adamw_factored_",
-    "decode", "unpack_halves", "pack_halves",
+__all__ = [
+    "hyperparams", "adamw_blocks_", "adamw_blocks_fast_", "adamw_blocks_update_", "adamw_blocks_requantize_",
+    "adamw_fp32_", "adamw_rank1_", "adamw_factored_", "decode", "unpack_halves", "pack_halves",
 ]
-
-
-def _new_moments_half(g: torch.Tensor, m_codes: torch.Tensor, m_absmax: torch.Tensor, v_codes: torch.Tensor,
-                      v_absmax: torch.Tensor, hp: torch.Tensor, m_fmt: StateFormat, v_fmt: StateFormat,
-                      maximize: bool, h: int):
-    """New fp32 m, v of half ``h`` of every block (4-bit half-block layout), from int32 codes."""
-    half = m_codes.shape[-1]
-    gf = g[:, h * half:(h + 1) * half].float()
-    if maximize:
-        gf = -gf
-    shift = 4 * h
-    mcode = (m_codes.to(torch.int32) >> shift) & 0x0F
-    vcode = (v_codes.to(torch.int32) >> shift) & 0x0F
-    return _moments(decode_i32(mcode, m_fmt) * m_absmax[:, None], decode_i32(vcode, v_fmt) * v_absmax[:, None], gf, hp)
-
-
-def absmax4_pass(g: torch.Tensor, m_codes: torch.Tensor, m_absmax: torch.Tensor, v_codes: torch.Tensor,
-                 v_absmax: torch.Tensor, hp: torch.Tensor, m_fmt: StateFormat, v_fmt: StateFormat,
-                 maximize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pass 1 of the two-pass 4-bit CPU step: the new moments' per-block absmax (nothing written)."""
-    m0, v0 = _new_moments_half(g, m_codes, m_absmax, v_codes, v_absmax, hp, m_fmt, v_fmt, maximize, 0)
-    m1, v1 = _new_moments_half(g, m_codes, m_absmax, v_codes, v_absmax, hp, m_fmt, v_fmt, maximize, 1)
-    ma = flush_tiny(torch.maximum(m0.abs().amax(dim=-1), m1.abs().amax(dim=-1)))
-    va = flush_tiny(torch.maximum(v0.abs().amax(dim=-1), v1.abs().amax(dim=-1)))
-    return ma, va
-
-
-def update4_pass_(p: torch.Tensor, g: torch.Tensor, m_codes: torch.Tensor, m_absmax: torch.Tensor,
-                  v_codes: torch.Tensor, v_absmax: torch.Tensor, new_m_absmax: torch.Tensor,
-                  new_v_absmax: torch.Tensor, hp: torch.Tensor, m_fmt: StateFormat, v_fmt: StateFormat,
-                  maximize: bool = False) -> None:
-    """Pass 2: recompute the new moments (cheaper than storing them), update ``p``, requantize with
-    the absmax of pass 1, and write codes and absmax in place."""
-    half = m_codes.shape[-1]
-    mi = safe_reciprocal(new_m_absmax)[:, None]
-    vi = safe_reciprocal(new_v_absmax)[:, None]
-    mc = []
-    vc = []
-    for h in (0, 1):
-        m, v = _new_moments_half(g, m_codes, m_absmax, v_codes, v_absmax, hp, m_fmt, v_fmt, maximize, h)
-        sl = slice(h * half, (h + 1) * half)
-        p[:, sl] = _param_update(p[:, sl].float(), m, v, hp).to(p.dtype)
-        mc.append(encode_i32(m * mi, m_fmt))
-        vc.append(encode_i32(v * vi, v_fmt))
-    m_codes.copy_((mc[0] | (mc[1] << 4)).to(torch.uint8))
-    v_codes.copy_((vc[0] | (vc[1] << 4)).to(torch.uint8))
-    m_absmax.copy_(new_m_absmax)
-    v_absmax.copy_(new_v_absmax)

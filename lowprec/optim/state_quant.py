@@ -218,33 +218,76 @@ def encode(n: torch.Tensor, sf: StateFormat) -> torch.Tensor:
     return encode_codebook_search(n, sf.midpoints(n.device), sf.search_steps)
 
 
+def _is_linear16(sf: StateFormat) -> bool:
+    """True for the 4-bit linear map without zero, ``table[i] = (i + 1) / 16``."""
+    return not sf.is_fp8 and sf.table_values == tuple((i + 1) / 16 for i in range(16))
+
+
+def encode4_arith(n: torch.Tensor, sf: StateFormat) -> torch.Tensor:
+    """Nearest code (ties to the lower code) of a 16-code map as int32, in vector-friendly form
+    for ``torch.compile`` (no table gathers, which inductor turns into scalar loops).
+
+    * The linear map ``(i + 1) / 16``: its midpoints are ``(k + 1.5) / 16``, so the count of
+      midpoints below ``n`` is ``clamp(ceil(16 n - 1.5), 0, 15)`` (``16 n - 1.5`` is exact in
+      float32 wherever the clamp does not decide: Sterbenz, and both operands are multiples of
+      the ulp of ``16 n``). NaN gives 0, as the comparisons do.
+    * Any other 16-code map: the four steps of the binary search over the midpoints, each step's
+      midpoint chosen by selects on constants (4 compares and 11 selects instead of 15 compares
+      and 15 adds). The same comparisons as :func:`encode_codebook_search`, so the same codes.
+    """
+    if _is_linear16(sf):
+        t = n * 16.0 - 1.5
+        return torch.where(t > 0, torch.clamp_max(torch.ceil(t), 15.0), 0.0).to(torch.int32)
+    mids = sf.midpoint_values
+    if len(mids) != 15:
+        raise ValueError(f"state format {sf.name}: encode4_arith needs a 16-code map")
+    b3 = n > mids[7]
+    b2 = n > torch.where(b3, mids[11], mids[3])
+    b1 = n > torch.where(b3, torch.where(b2, mids[13], mids[9]), torch.where(b2, mids[5], mids[1]))
+    b0 = n > torch.where(
+        b3,
+        torch.where(b2, torch.where(b1, mids[14], mids[12]), torch.where(b1, mids[10], mids[8])),
+        torch.where(b2, torch.where(b1, mids[6], mids[4]), torch.where(b1, mids[2], mids[0])),
+    )
+    i32 = torch.int32
+    return (b3.to(i32) << 3) | (b2.to(i32) << 2) | (b1.to(i32) << 1) | b0.to(i32)
+
+
+def decode4_arith(codes: torch.Tensor, sf: StateFormat) -> torch.Tensor:
+    """``table[codes]`` of int32 codes of a 16-code map, for ``torch.compile``: the linear map
+    ``(c + 1) / 16`` exactly (power-of-two scale), any other map a tree of selects on the code's
+    four bits (15 selects on constants, vectorised; a gather would be a scalar loop)."""
+    if _is_linear16(sf):
+        return (codes.float() + 1.0) * 0.0625
+    vals: list = list(sf.table_values)
+    if len(vals) != 16:
+        raise ValueError(f"state format {sf.name}: decode4_arith needs a 16-code map")
+    bit = 0
+    while len(vals) > 1:
+        b = ((codes >> bit) & 1) != 0
+        vals = [torch.where(b, vals[i + 1], vals[i]) for i in range(0, len(vals), 2)]
+        bit += 1
+    return vals[0]
+
+
 def encode_i32(n: torch.Tensor, sf: StateFormat) -> torch.Tensor:
-    """:func:`encode` as int32 codes, written for ``torch.compile``: a 4-bit map compares against
-    its 15 midpoints as constants and counts (inductor turns a table gather into a scalar loop
-    but compares into vector instructions; same count as the binary search, so same codes)."""
+    """:func:`encode` as int32 codes, written for ``torch.compile``: a 4-bit map by
+    :func:`encode4_arith` (vectorised), FP8 by a cast, an 8-bit map by the binary search."""
     if sf.is_fp8:
         return encode_fp8(n, sf.fmt).to(torch.int32)
     if sf.bits <= 4:
-        mids = sf.midpoint_values
-        out = (n > mids[0]).to(torch.int32)
-        for mid in mids[1:]:
-            out = out + (n > mid).to(torch.int32)
-        return out
+        return encode4_arith(n, sf)
     mids = torch.tensor(sf.midpoint_values, dtype=torch.float32, device=n.device)  # a constant when compiled
     return encode_codebook_search_i32(n, mids, sf.search_steps)
 
 
 def decode_i32(codes: torch.Tensor, sf: StateFormat) -> torch.Tensor:
-    """:func:`decode` of int32 codes, written for ``torch.compile``: a 4-bit map is a chain of
-    selects on constants (vectorised), a larger one a table gather, FP8 a cast."""
+    """:func:`decode` of int32 codes, written for ``torch.compile``: a 4-bit map by
+    :func:`decode4_arith`, a larger one a table gather, FP8 a cast."""
     if sf.is_fp8:
         return codes.to(torch.uint8).view(sf.fmt.dtype).float() * (1.0 / sf.fmt.max)
     if sf.bits <= 4:
-        table = sf.table_values
-        out = torch.full(codes.shape, table[0], dtype=torch.float32, device=codes.device)
-        for k in range(1, len(table)):
-            out = torch.where(codes == k, table[k], out)
-        return out
+        return decode4_arith(codes, sf)
     return _lookup(torch.tensor(sf.table_values, dtype=torch.float32, device=codes.device), codes)
 
 
