@@ -9,8 +9,13 @@ State bytes are true storage: every tensor reachable from ``optimizer.state`` (t
 subclasses flattened to their inner codes, scales and maps), each storage counted once (a map
 shared by many parameters counts once), plus lowprec's two maps.
 
-    python benchmarks/bench_optim.py            # both cases
+    python benchmarks/bench_optim.py            # both cases, 1 intra-op thread
     python benchmarks/bench_optim.py --quick    # fewer repeats
+    python benchmarks/bench_optim.py --cases 4096x4096 --only "torch AdamW fused,torchao AdamW4bit,lowprec AdamW4bit"
+
+Ratios are printed on the median and on the min step time (the machine is shared and noisy:
+the min is the least disturbed run); the 4-bit targets of issue 5 are ours <= 1.5x torch fused
+and torchao AdamW4bit >= 5x ours.
 """
 
 from __future__ import annotations
@@ -103,9 +108,11 @@ def make_params(case: str) -> list[torch.nn.Parameter]:
     return params
 
 
-def bench_case(case: str, quick: bool) -> list[dict[str, Any]]:
+def bench_case(case: str, quick: bool, only: set[str] | None = None) -> list[dict[str, Any]]:
     rows = []
     for name, factory, reps in contenders():
+        if only and name not in only:
+            continue
         params = make_params(case)
         n = sum(p.numel() for p in params)
         opt = factory(params)
@@ -125,12 +132,13 @@ def bench_case(case: str, quick: bool) -> list[dict[str, Any]]:
               f"(min {row['step_min_ms']:.2f}, first {first_s:.1f} s)", flush=True)
         del opt, params
         gc.collect()
-    base = next((r["step_ms"] for r in rows if r["optimizer"] == "torch AdamW fused" and "step_ms" in r), None)
-    tao4 = next((r["step_ms"] for r in rows if r["optimizer"] == "torchao AdamW4bit" and "step_ms" in r), None)
-    for r in rows:
-        if "step_ms" in r:
-            r["vs_torch_fused"] = r["step_ms"] / base if base else None
-            r["torchao4bit_over_this"] = tao4 / r["step_ms"] if tao4 else None
+    for key, suffix in (("step_ms", ""), ("step_min_ms", "_min")):
+        base = next((r[key] for r in rows if r["optimizer"] == "torch AdamW fused" and key in r), None)
+        tao4 = next((r[key] for r in rows if r["optimizer"] == "torchao AdamW4bit" and key in r), None)
+        for r in rows:
+            if key in r:
+                r["vs_torch_fused" + suffix] = r[key] / base if base else None
+                r["torchao4bit_over_this" + suffix] = tao4 / r[key] if tao4 else None
     return rows
 
 
@@ -138,15 +146,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--cases", default="4096x4096,demo_llama")
+    ap.add_argument("--only", default="", help="comma-separated contender names (default: all)")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    only = {n.strip() for n in args.only.split(",") if n.strip()} or None
     rows = []
     for case in args.cases.split(","):
         print(f"case {case}:", flush=True)
-        rows += bench_case(case, args.quick)
-    cols = ["case", "optimizer", "bytes_per_param", "step_ms", "step_min_ms", "vs_torch_fused",
-            "torchao4bit_over_this", "first_step_s"]
+        rows += bench_case(case, args.quick, only)
+    cols = ["case", "optimizer", "bytes_per_param", "step_ms", "step_min_ms", "vs_torch_fused", "vs_torch_fused_min",
+            "torchao4bit_over_this", "torchao4bit_over_this_min", "first_step_s"]
     print(format_table([r for r in rows if "step_ms" in r], cols))
     name = "bench_optim" if args.cases == "4096x4096,demo_llama" else "bench_optim_" + args.cases.replace(",", "_")
+    if only:
+        name += "_subset"
     path = write_json(name, {"rows": rows, "threads": torch.get_num_threads(),
                                       "targets": {"4bit_bytes": 1.07, "4bit_factored_bytes": 0.6, "8bit_bytes": 2.04,
                                                   "4bit_vs_torch_fused_max": 1.5, "4bit_vs_torchao_min_speedup": 5}})
