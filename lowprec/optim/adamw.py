@@ -111,8 +111,10 @@ def _compiled_blocks_step(p2: torch.Tensor, g2: torch.Tensor, mc: torch.Tensor, 
     one vectorised loop (update ``p`` and reduce the new absmax; requantize), shared by every
     parameter (block count dynamic), run chunk by chunk (:data:`CPU_CHUNK_ELEMENTS`)."""
     key = f"{mf.name}-{vf.name}"
+    if mf.packed and vf.packed:
+        p2, g2 = F.half_block_views(p2, g2)
     nb = p2.shape[0]
-    chunk = max(2, CPU_CHUNK_ELEMENTS // p2.shape[1])
+    chunk = max(2, CPU_CHUNK_ELEMENTS // mf.block_size)
     start = 0
     while start < nb:
         end = start + chunk
