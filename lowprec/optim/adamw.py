@@ -66,8 +66,8 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# Compiled CPU steps: one compiled function per step function, shared by every parameter; the
-# block count is marked dynamic, so one graph serves every size (per format and dtype).
+# Compiled CPU steps: one compiled function per step function and pair of state formats, shared
+# by every parameter; the block count is marked dynamic, so one graph serves every size (per dtype).
 # ----------------------------------------------------------------------------------------------
 
 _COMPILED: dict[str, Callable[..., Any]] = {}
