@@ -91,6 +91,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import format_table, write_json  # noqa: E402
 
 import lowprec.sensitivity as S  # noqa: E402
+from lowprec.models import mlp  # noqa: E402
 from lowprec.qat import apply_plan, scale_method  # noqa: E402
 
 
@@ -106,16 +107,6 @@ def digits(seed: int, calib: int = 0):
     else:  # a held-out calibration split for scoring, disjoint from train and validation
         tr, ca, va = perm[:1400 - calib], perm[1400 - calib:1400], perm[1400:]
     return (X[tr], y[tr]), (X[ca], y[ca]), (X[va], y[va])
-
-
-def mlp(sizes: list[int], seed: int) -> nn.Sequential:
-    torch.manual_seed(seed)
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(nn.Linear(a, b))
-        if i < len(sizes) - 2:
-            layers.append(nn.GELU())
-    return nn.Sequential(*layers)
 
 
 def ce(model, batch):
@@ -377,7 +368,7 @@ def main() -> None:
     bits = tuple(int(b) for b in args.bits.split(","))
 
     train, calib, val = digits(args.seed, args.calib)
-    base = mlp(sizes, args.seed)
+    base = mlp(tuple(sizes), args.seed)
     t0 = time.perf_counter()
     fit(base, train, val, args.pretrain_steps, args.lr, args.batch, args.seed, args.pretrain_steps)
     print(f"pretrained fp32 MLP {sizes}: val loss {val_loss(base, val):.4f} ({time.perf_counter() - t0:.1f} s)")

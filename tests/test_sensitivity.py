@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lowprec.sensitivity as S
+from lowprec.models import mlp
 from lowprec.qat import fake_quant_weight
 
 BITS = (2, 3, 4)
@@ -32,13 +33,7 @@ def digits():
 
 
 def _mlp(sizes, seed=0, dtype=torch.float32):
-    torch.manual_seed(seed)
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(nn.Linear(a, b))
-        if i < len(sizes) - 2:
-            layers.append(nn.GELU())
-    return nn.Sequential(*layers).to(dtype)
+    return mlp(tuple(sizes), seed).to(dtype)
 
 
 def _train(model, X, y, steps, lr=1e-2):
