@@ -35,7 +35,6 @@ from lowprec.fp8.functional import (
     grad_input_gemm,
     grad_weight_gemm,
     resolve_backend,
-    widen,
 )
 from lowprec.fp8.scaling import (
     ScalingConfig,
@@ -248,13 +247,11 @@ class Fp8Gemm(nn.Module):
     def _cast(self, t: torch.Tensor, s: torch.Tensor, fmt: FloatFormat, transpose: bool, widened: bool,
               need_amax: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """``(q, q^T or None, amax or None)``: the FP8 cast of ``t * s``; ``widened``: q as float32
-        values (exact) for the emulated GEMM, in one fused pass where available."""
-        if widened and not transpose:
-            return cast_widened(t, s, fmt), None, (tensor_amax(t) if need_amax else None)
-        q, qt, amax = cast_transpose(t, s, fmt, transpose)
+        values (exact) for the emulated GEMM, in one fused pass where available, and no transpose
+        (a float32 operand needs no column-major copy)."""
         if widened:
-            q, qt = widen(q), (widen(qt) if qt is not None else None)
-        return q, qt, amax
+            return cast_widened(t, s, fmt), None, (tensor_amax(t) if need_amax else None)
+        return cast_transpose(t, s, fmt, transpose)
 
     def _tensorwise(self, t: torch.Tensor, role: int, fmt: FloatFormat, transpose: bool, force_current: bool = False,
                     widened: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:

@@ -12,7 +12,13 @@ then matmul. Both accumulate in float32.
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+from lowprec.compiled import run_compiled
+from lowprec.formats import FloatFormat
+from lowprec.fp8.scaling import cast_to_fp8
 
 GEMM_BACKENDS = ("auto", "scaled_mm", "emulated")
 _ZERO = torch.zeros(())  # addmm's (ignored, beta=0) input on the CPU
@@ -46,50 +52,20 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def _cast_widened_eager(x: torch.Tensor, scale: torch.Tensor, fp8_max: float, dtype: torch.dtype) -> torch.Tensor:
-    return (x.float() * scale).clamp(-fp8_max, fp8_max).to(dtype).float()
-
-
-_CAST_WIDENED_COMPILED: dict[torch.dtype, object] = {}
-
-
-def _compiled_cast_widened(fmt):
-    """One compiled loop per FP8 format (its max and dtype are constants; sizes are dynamic)."""
-    fn = _CAST_WIDENED_COMPILED.get(fmt.dtype)
-    if fn is None:
-        fp8_max, dtype = float(fmt.max), fmt.dtype
-
-        def cast(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-            return _cast_widened_eager(x, scale, fp8_max, dtype)
-
-        try:
-            fn = torch.compile(cast, dynamic=True)
-        except Exception:  # pragma: no cover - compile unavailable
-            fn = cast
-        _CAST_WIDENED_COMPILED[fmt.dtype] = fn
-    return fn
-
-
-def cast_widened(x: torch.Tensor, scale: torch.Tensor, fmt) -> torch.Tensor:
+def cast_widened(x: torch.Tensor, scale: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
     """``cast(x * scale)`` to the FP8 format ``fmt``, returned as float32 (exact): the operand
     of the emulated GEMM. Bit-identical to ``widen(cast_to_fp8(x, scale, fmt))`` (a NaN may come
     back with the other sign bit). On the CPU the multiply, clamp, rounding and widening run as one
-    fused loop compiled by Inductor (about 4x faster than the four eager passes on a
-    2048 x 688 operand); ``LOWPREC_COMPILE=0`` or a failed compile falls back to eager."""
-    if x.device.type != "cpu" or not _compile_enabled():
-        return _cast_widened_eager(x, scale, fmt.max, fmt.dtype)
-    fn = _compiled_cast_widened(fmt)
-    try:
-        return fn(x.detach(), scale.detach().float().reshape(()))  # type: ignore[operator]
-    except Exception:  # pragma: no cover - a compiler failure is a speed problem, never a wrong result
-        _CAST_WIDENED_COMPILED[fmt.dtype] = lambda x, s: _cast_widened_eager(x, s, fmt.max, fmt.dtype)
-        return _cast_widened_eager(x, scale, fmt.max, fmt.dtype)
+    fused loop compiled by Inductor, once per format with dynamic sizes (about 4x faster than the
+    eager passes on a 2048 x 688 operand); ``LOWPREC_COMPILE=0`` keeps it eager."""
+    if x.device.type != "cpu" or os.environ.get("LOWPREC_COMPILE", "1") == "0":
+        return widen(cast_to_fp8(x, scale, fmt))
 
+    def cast(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return cast_to_fp8(x, scale, fmt).float()
 
-def _compile_enabled() -> bool:
-    import os
-
-    return os.environ.get("LOWPREC_COMPILE", "1") != "0" and hasattr(torch, "compile")
+    return run_compiled(f"fp8:cast_widened-{fmt.name}", cast, x.detach(), scale.detach().float().reshape(()),
+                        dynamic=True)
 
 
 def _scaled_mm_supported(a: torch.Tensor, b: torch.Tensor, inv_sa: torch.Tensor, inv_sb: torch.Tensor,

@@ -27,13 +27,13 @@ raises instead.
 from __future__ import annotations
 
 import re
-import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch.optim import Optimizer
 
+from lowprec.compiled import run_compiled
 from lowprec.kernels.dispatch import choose_backend
 from lowprec.optim import functional as F
 from lowprec.optim.state_quant import (
@@ -70,34 +70,6 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 # by every parameter; the block count is marked dynamic, so one graph serves every size (per dtype).
 # ----------------------------------------------------------------------------------------------
 
-_COMPILED: dict[str, Callable[..., Any]] = {}
-_COMPILE_FAILED: set[str] = set()
-
-
-def _maybe_compiled(name: str, fn: Callable[..., Any], enabled: bool) -> Callable[..., Any]:
-    if not enabled or name in _COMPILE_FAILED:
-        return fn
-    if name not in _COMPILED:
-        _COMPILED[name] = torch.compile(fn, dynamic=False, fullgraph=True)
-    return _COMPILED[name]
-
-
-def _run(name: str, fn: Callable[..., Any], enabled: bool, dynamic_args: Iterable[torch.Tensor], *args: Any) -> Any:
-    """``fn(*args)`` compiled (falling back to eager, once and for all, if compiling fails)."""
-    compiled = _maybe_compiled(name, fn, enabled)
-    if compiled is fn:
-        return fn(*args)
-    for t in dynamic_args:
-        torch._dynamo.maybe_mark_dynamic(t, 0)
-    try:
-        return compiled(*args)
-    except Exception as e:  # compile unavailable (no C++ compiler, unsupported op...): eager from now on
-        _COMPILE_FAILED.add(name)
-        warnings.warn(f"lowprec.optim: torch.compile of {name} failed ({type(e).__name__}: {e}); "
-                      f"using the eager step", RuntimeWarning, stacklevel=3)
-        return fn(*args)
-
-
 # Elements per call of the compiled CPU step: the requantize pass re-reads what the update pass
 # just read while it is still in cache, and inductor's temporary buffers stay small (a 64 MiB one
 # is a fresh mmap, page-faulted on every step). Measured on one 4096x4096 parameter, 1 thread:
@@ -121,8 +93,10 @@ def _compiled_blocks_step(p2: torch.Tensor, g2: torch.Tensor, mc: torch.Tensor, 
         if nb - end < 2:  # no 1-block tail: dynamo would specialise (and compile) a graph for it
             end = nb
         a = [t[start:end] for t in (p2, g2, mc, ma, vc, va)]
-        new_ma, new_va = _run(f"update-{key}", F.adamw_blocks_update_, True, a, *a, hp, mf, vf, maximize)
-        _run(f"requantize-{key}", F.adamw_blocks_requantize_, True, (), *a[1:], new_ma, new_va, hp, mf, vf, maximize)
+        new_ma, new_va = run_compiled(f"optim:update-{key}", F.adamw_blocks_update_, *a, hp, mf, vf, maximize,
+                                      dynamic_args=a, dynamic=False, fullgraph=True)
+        run_compiled(f"optim:requantize-{key}", F.adamw_blocks_requantize_, *a[1:], new_ma, new_va, hp, mf, vf,
+                     maximize, dynamic=False, fullgraph=True)
         a[3].copy_(new_ma)
         a[5].copy_(new_va)
         start = end
@@ -331,11 +305,10 @@ class QuantizedAdamW(Optimizer):
         if "exp_avg_sq_absmax" in state:
             self._step_blocks(pl, g, mc, ma, state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"], hp, maximize)
         elif "exp_avg_sq_codes" in state:
-            _run("rank1", F.adamw_rank1_, False, (), pl, g, mc, ma, state["exp_avg_sq_codes"],
-                 state["exp_avg_sq_row"], state["exp_avg_sq_col"], hp, mf, vf, maximize)
+            F.adamw_rank1_(pl, g, mc, ma, state["exp_avg_sq_codes"], state["exp_avg_sq_row"],
+                           state["exp_avg_sq_col"], hp, mf, vf, maximize)
         else:
-            _run("factored", F.adamw_factored_, False, (), pl, g, mc, ma, state["exp_avg_sq_row"],
-                 state["exp_avg_sq_col"], hp, mf, maximize)
+            F.adamw_factored_(pl, g, mc, ma, state["exp_avg_sq_row"], state["exp_avg_sq_col"], hp, mf, maximize)
 
     def _step_blocks(self, p: torch.Tensor, g: torch.Tensor, mc: torch.Tensor, ma: torch.Tensor,
                      vc: torch.Tensor, va: torch.Tensor, hp: torch.Tensor, maximize: bool) -> None:

@@ -196,21 +196,6 @@ def adamw_blocks_requantize_(g: torch.Tensor, m_codes: torch.Tensor, m_absmax: t
     v_codes.copy_((v0 | (v1 << 4)).to(torch.uint8))
 
 
-def adamw_blocks_fast_(p: torch.Tensor, g: torch.Tensor, m_codes: torch.Tensor, m_absmax: torch.Tensor,
-                       v_codes: torch.Tensor, v_absmax: torch.Tensor, hp: torch.Tensor,
-                       m_fmt: StateFormat, v_fmt: StateFormat, maximize: bool = False) -> None:
-    """:func:`adamw_blocks_` as the two passes the compiled CPU step runs
-    (:func:`adamw_blocks_update_`, then :func:`adamw_blocks_requantize_`): identical results
-    (tested). Codes are int32 inside (inductor's uint8 vector code measured 30-300x slower),
-    4-bit maps decode and encode by arithmetic and selects on constants (no gathers), FP8 by casts."""
-    if m_fmt.packed and v_fmt.packed:
-        p, g = half_block_views(p, g)
-    ma, va = adamw_blocks_update_(p, g, m_codes, m_absmax, v_codes, v_absmax, hp, m_fmt, v_fmt, maximize)
-    adamw_blocks_requantize_(g, m_codes, m_absmax, v_codes, v_absmax, ma, va, hp, m_fmt, v_fmt, maximize)
-    m_absmax.copy_(ma)
-    v_absmax.copy_(va)
-
-
 def adamw_fp32_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, hp: torch.Tensor,
                 maximize: bool = False) -> None:
     """AdamW on float32 states (small tensors and name-pattern exceptions), same formula."""
@@ -271,6 +256,6 @@ def adamw_factored_(p: torch.Tensor, g: torch.Tensor, m_codes: torch.Tensor, m_a
 
 
 __all__ = [
-    "hyperparams", "adamw_blocks_", "adamw_blocks_fast_", "adamw_blocks_update_", "adamw_blocks_requantize_",
+    "hyperparams", "adamw_blocks_", "adamw_blocks_update_", "adamw_blocks_requantize_",
     "adamw_fp32_", "adamw_rank1_", "adamw_factored_", "decode", "unpack_halves", "pack_halves",
 ]
