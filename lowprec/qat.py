@@ -60,6 +60,11 @@ def _check_scale_method(method: Any) -> str:
     return method
 
 
+def _resolve_scale_method(method: str | None) -> str:
+    """``method``, or the :func:`scale_method` default when None; checked."""
+    return _check_scale_method(_default_scale_method if method is None else method)
+
+
 @contextlib.contextmanager
 def scale_method(method: str) -> Iterator[None]:
     """Within the block, :func:`fake_quant_weight` (and so the sensitivity scorers and
@@ -100,7 +105,7 @@ def fake_quant_weight(weight: torch.Tensor, bits: int, method: str | None = None
     """
     if weight.dim() < 2:
         raise ValueError(f"per-output-channel quantization needs a weight with 2 or more dims; got shape {tuple(weight.shape)}")
-    method = _check_scale_method(_default_scale_method if method is None else method)
+    method = _resolve_scale_method(method)
     w = weight.detach()
     flat = w.reshape(w.shape[0], -1)
     scale = None if method == "absmax" else mse_row_scale(flat, bits)
@@ -113,7 +118,7 @@ class IntWeightFakeQuant(nn.Module):
     def __init__(self, bits: int, method: str | None = None) -> None:
         super().__init__()
         self.bits = check_bits(bits)
-        self.method = _check_scale_method(_default_scale_method if method is None else method)
+        self.method = _resolve_scale_method(method)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         q = fake_quant_weight(weight, self.bits, self.method).to(weight.dtype)
@@ -150,7 +155,7 @@ def apply_plan(
     ``report`` is a :class:`lowprec.recipes.ConversionReport` (``add``/``skip``), or None.
     ``method``: the per-channel scale rule, "absmax" or "mse" (None: the :func:`scale_method` default).
     """
-    method = _check_scale_method(_default_scale_method if method is None else method)
+    method = _resolve_scale_method(method)
     if not isinstance(plan, Mapping):
         raise TypeError(f"a plan maps qualified module names to bit widths; got {type(plan).__name__}")
     qformat = getattr(getattr(recipe, "qat", None), "format", "int")
