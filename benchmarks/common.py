@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from lowprec.text_table import aligned_table
+
 RESULTS_DIR = Path(os.environ.get("LOWPREC_BENCH_DIR", "bench_results"))
 
 
@@ -58,11 +60,7 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None =
         return "" if v is None else str(v)
 
     cells = [[fmt(r.get(c)) for c in cols] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-    line = "  ".join(c.ljust(w) for c, w in zip(cols, widths))
-    sep = "  ".join("-" * w for w in widths)
-    body = ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
-    return "\n".join([line, sep, *body])
+    return "\n".join(aligned_table(cols, cells))
 
 
 def write_json(name: str, payload: dict[str, Any]) -> Path:

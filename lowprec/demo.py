@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lowprec.text_table import aligned_table
+
 LOSS_GAP_LIMIT = 0.02  # issue 7: unit-fp8 + AdamW4bit within 2% of fp32 + AdamW
 STATE_RATIO_MIN = 7.0  # issue 7: optimizer-state memory falls at least 7x (8 B/param -> ~1.05)
 LOWPREC_RECIPE = "unit-fp8"
@@ -37,10 +39,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
     cols = ["run", "val loss", "vs fp32", "optimizer state", "bytes/param", "step time"]
     cells = [[r["label"], f"{r['val_loss']:.4f}", r["gap_text"], f"{r['state_bytes'] / 2**20:.2f} MiB",
               f"{r['state_bytes'] / r['params']:.2f}", f"{r['step_s'] * 1e3:.0f} ms"] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths)), "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
-    return "\n".join(lines)
+    return "\n".join(aligned_table(cols, cells))
 
 
 def run_demo(

@@ -28,6 +28,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from lowprec.formats import FloatFormat, get_format
+from lowprec.text_table import aligned_table
 
 KINDS = ("output", "input_grad", "weight", "weight_grad")
 _SKIP_LEAVES = (nn.Dropout, nn.Identity)
@@ -90,9 +91,7 @@ class InspectReport:
             for f in self.formats:
                 row += [_pct(r[f"{f}_saturated"]), _pct(r[f"{f}_underflow"])]
             cells.append(row)
-        widths = [max(len(c), *(len(x[i]) for x in cells)) if cells else len(c) for i, c in enumerate(cols)]
-        fmt = lambda xs: "  ".join(x.ljust(w) for x, w in zip(xs, widths)).rstrip()
-        return "\n".join([fmt(cols), fmt(["-" * w for w in widths]), *map(fmt, cells), "", self.summary()])
+        return "\n".join([*aligned_table(cols, cells, strip=True), "", self.summary()])
 
 
 def _pct(v: float) -> str:

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lowprec.text_table import aligned_table
+
 METHODS = ("hawq", "pqi", "measured")
 
 
@@ -67,12 +69,8 @@ class SensitivityReport:
         rows = self.to_rows()
         cols = list(dict.fromkeys(k for r in rows for k in r))
         cells = [[_fmt(r.get(c)) for c in cols] for r in rows]
-        widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
         head = f"sensitivity ({self.method}): loss increase per layer and bit width; base loss {self.base_loss:.6g}"
-        line = "  ".join(c.ljust(w) for c, w in zip(cols, widths))
-        sep = "  ".join("-" * w for w in widths)
-        body = ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
-        return "\n".join([head, line, sep, *body])
+        return "\n".join([head, *aligned_table(cols, cells)])
 
     def __str__(self) -> str:
         return self.table()
