@@ -1,7 +1,8 @@
 """Quantized-state AdamW side by side: state bytes per parameter and step time.
 
 One process, every contender on the same parameters and gradients: lowprec's AdamW4bit
-(compiled CPU step, and eager to show whether compiling pays), AdamW4bit with a factored v,
+(its C kernel; the torch.compile'd step it falls back to without a C compiler; the eager
+reference), AdamW4bit with a factored v,
 AdamW8bit and AdamWFp8; torch's AdamW (fused and foreach); torchao's AdamW4bit / 8bit / Fp8;
 bitsandbytes' AdamW8bit. Two cases: one 4096x4096 parameter and the demo-size Llama.
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -65,6 +67,25 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
     return total
 
 
+def _without_c_kernel(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """``opt`` whose steps run with ``LOWPREC_C_KERNELS=0`` (the path taken where no C compiler is found)."""
+    step = opt.step
+
+    def step_without_c(*args: Any, **kwargs: Any) -> Any:
+        old = os.environ.get("LOWPREC_C_KERNELS")
+        os.environ["LOWPREC_C_KERNELS"] = "0"
+        try:
+            return step(*args, **kwargs)
+        finally:
+            if old is None:
+                del os.environ["LOWPREC_C_KERNELS"]
+            else:
+                os.environ["LOWPREC_C_KERNELS"] = old
+
+    opt.step = step_without_c
+    return opt
+
+
 def contenders() -> list[tuple[str, Callable[[list], torch.optim.Optimizer], int]]:
     """(name, factory over a parameter list, max timed repeats)."""
     from lowprec.optim import AdamW4bit, AdamW8bit, AdamWFp8
@@ -73,6 +94,7 @@ def contenders() -> list[tuple[str, Callable[[list], torch.optim.Optimizer], int
         ("torch AdamW fused", lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True), 10),
         ("torch AdamW foreach", lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True), 10),
         ("lowprec AdamW4bit", lambda ps: AdamW4bit(ps, lr=1e-3), 10),
+        ("lowprec AdamW4bit torch.compile", lambda ps: _without_c_kernel(AdamW4bit(ps, lr=1e-3)), 5),
         ("lowprec AdamW4bit eager", lambda ps: AdamW4bit(ps, lr=1e-3, compile=False), 3),
         ("lowprec AdamW4bit factored", lambda ps: AdamW4bit(ps, lr=1e-3, factor_second_moment=True), 5),
         ("lowprec AdamW8bit", lambda ps: AdamW8bit(ps, lr=1e-3), 5),
@@ -158,6 +180,13 @@ def main() -> None:
     cols = ["case", "optimizer", "bytes_per_param", "step_ms", "step_min_ms", "vs_torch_fused", "vs_torch_fused_min",
             "torchao4bit_over_this", "torchao4bit_over_this_min", "first_step_s"]
     print(format_table([r for r in rows if "step_ms" in r], cols))
+    for r in rows:
+        if r.get("optimizer") == "lowprec AdamW4bit" and "step_ms" in r:
+            fused, tao = r["vs_torch_fused"], r["torchao4bit_over_this"]
+            print(f"{r['case']}: AdamW4bit {r['bytes_per_param']:.3f} B/param (goal <= 1.07); step {fused:.2f}x torch "
+                  f"fused (goal <= 1.5x: {'OK' if fused <= 1.5 else 'NOT MET'})"
+                  + (f"; torchao AdamW4bit {tao:.1f}x slower (goal >= 5x: {'OK' if tao >= 5 else 'NOT MET'})"
+                     if tao else ""))
     name = "bench_optim" if args.cases == "4096x4096,demo_llama" else "bench_optim_" + args.cases.replace(",", "_")
     if only:
         name += "_subset"

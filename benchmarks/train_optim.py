@@ -22,14 +22,30 @@ from common import RESULTS_DIR, format_table, write_json  # noqa: E402
 
 from lowprec.data import stdlib_corpus  # noqa: E402
 from lowprec.models import demo_llama  # noqa: E402
+from lowprec.formats import DE8, DE8_UNSIGNED  # noqa: E402
 from lowprec.optim import AdamW4bit, AdamW8bit, AdamWFp8  # noqa: E402
+from lowprec.optim.state_quant import M_DE4_B128, V_LINEAR4_B128, StateFormat  # noqa: E402
 from lowprec.training import TrainConfig, train  # noqa: E402
 
 LR, WD, BETAS = 2e-3, 0.1, (0.9, 0.95)
 
 
-def make_optimizer(name: str, model: torch.nn.Module) -> torch.optim.Optimizer:
-    kw = dict(lr=LR, weight_decay=WD, betas=BETAS)
+class _M8V4(AdamW4bit):
+    """Ablation: 8-bit m (dynamic map, block 128), 4-bit v as AdamW4bit: which moment's 4 bits move the loss."""
+
+    M_FORMAT = StateFormat("de8-b128", DE8, 128)
+    V_FORMAT = V_LINEAR4_B128
+
+
+class _M4V8(AdamW4bit):
+    """Ablation: 4-bit m as AdamW4bit, 8-bit v (unsigned dynamic map, block 128)."""
+
+    M_FORMAT = M_DE4_B128
+    V_FORMAT = StateFormat("de8u-b128", DE8_UNSIGNED, 128)
+
+
+def make_optimizer(name: str, model: torch.nn.Module, lr: float = LR, wd: float = WD) -> torch.optim.Optimizer:
+    kw = dict(lr=lr, weight_decay=wd, betas=BETAS)
     if name == "AdamW":
         return torch.optim.AdamW(model.parameters(), **kw)
     if name == "AdamW4bit":
@@ -38,6 +54,10 @@ def make_optimizer(name: str, model: torch.nn.Module) -> torch.optim.Optimizer:
         return AdamW4bit(model.parameters(), v_mode="rank1", **kw)
     if name == "AdamW4bit-factored":
         return AdamW4bit(model.parameters(), factor_second_moment=True, **kw)
+    if name == "ablation-m8-v4":
+        return _M8V4(model.parameters(), **kw)
+    if name == "ablation-m4-v8":
+        return _M4V8(model.parameters(), **kw)
     if name == "AdamW8bit":
         return AdamW8bit(model.parameters(), **kw)
     if name == "AdamWFp8":
@@ -52,6 +72,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", default="AdamW,AdamW4bit,AdamW4bit-rank1,AdamW8bit,AdamWFp8")
     ap.add_argument("--eval-batches", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=LR, help="peak learning rate, the same for every optimizer")
+    ap.add_argument("--weight-decay", type=float, default=WD)
     ap.add_argument("--tag", default="", help="write train_optim_<tag>.json only (runs in parallel processes)")
     ap.add_argument("--merge", default="", help="comma-separated tags: merge their JSONs into train_optim.json")
     args = ap.parse_args()
@@ -61,7 +83,8 @@ def main() -> None:
             part = json.loads((RESULTS_DIR / f"train_optim_{tag}.json").read_text())
             results.update(part["results"])
             cfg = part["config"]
-        report(results, cfg)
+            lr, wd = part.get("lr", LR), part.get("weight_decay", WD)
+        report(results, cfg, lr, wd)
         return
     corpus = stdlib_corpus()
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed, warmup_steps=min(20, args.steps // 5),
@@ -69,7 +92,7 @@ def main() -> None:
     results = {}
     for name in args.only.split(","):
         model = demo_llama(seed=args.seed)
-        opt = make_optimizer(name, model)
+        opt = make_optimizer(name, model, args.lr, args.weight_decay)
         t0 = time.perf_counter()
         res = train(model, opt, corpus, cfg)
         state = getattr(opt, "state_nbytes", None)
@@ -79,13 +102,14 @@ def main() -> None:
                              skipped_steps=getattr(opt, "skipped_steps", 0))
         print(f"{name:20s} final val loss {res.final_val_loss:.4f}  ({time.perf_counter() - t0:.0f} s)", flush=True)
     if args.tag:
-        path = write_json(f"train_optim_{args.tag}", {"config": vars(cfg), "results": results})
+        path = write_json(f"train_optim_{args.tag}", {"config": vars(cfg), "lr": args.lr,
+                                                         "weight_decay": args.weight_decay, "results": results})
         print(f"wrote {path}")
         return
-    report(results, vars(cfg))
+    report(results, vars(cfg), args.lr, args.weight_decay)
 
 
-def report(results: dict, cfg: dict) -> None:
+def report(results: dict, cfg: dict, lr: float = LR, wd: float = WD) -> None:
     """Print the table of final losses and gaps to AdamW; write train_optim.json and .png."""
     base = results.get("AdamW", {}).get("final_val_loss")
     rows = []
@@ -96,7 +120,7 @@ def report(results: dict, cfg: dict) -> None:
                          state_bytes_per_param=r["state_bytes_per_param"], diverged_at=r["diverged_at"],
                          median_step_s=r["median_step_time_s"]))
     print(format_table(rows))
-    path = write_json("train_optim", {"config": cfg, "lr": LR, "weight_decay": WD, "betas": BETAS,
+    path = write_json("train_optim", {"config": cfg, "lr": lr, "weight_decay": wd, "betas": BETAS,
                                       "results": results, "summary": rows})
     print(f"wrote {path}")
     try:

@@ -1,0 +1,360 @@
+/* Fused AdamW step on block-quantized moments for the CPU: one pass per block.
+ *
+ * The CPU twin of the Triton kernel in adamw_step.py, with the same oracle:
+ * lowprec.optim.functional.adamw_blocks_ (eager PyTorch). For each block of B elements it reads
+ * the parameter, the gradient, the two moments' codes and absmax, decodes, updates m, v and the
+ * parameter in float32, takes the new per-block absmax, requantizes and writes back. The block's
+ * working set (at most 4 x 256 floats) stays in L1, so memory sees each byte once: 14.1 bytes per
+ * fp32 parameter at 4-bit states against 28 for torch's fused fp32 AdamW.
+ *
+ * Bit-exactness with the reference rests on doing exactly its float32 operations in its order:
+ * no FMA contraction (built with -ffp-contract=off), correctly rounded sqrt and division (the
+ * IEEE instructions; -fno-math-errno only drops the errno branch), code-book encoding as the
+ * count of midpoints below the value (what the reference's binary search computes), FP8
+ * encoding by round-to-nearest-even on the float32 bits, bf16 by round-to-nearest-even and fp16
+ * by the hardware conversion (also RNE). The loops are written so GCC/Clang vectorise them
+ * (-O3 -march=native); nothing here depends on the vector width.
+ *
+ * Plain C with no PyTorch headers: it compiles in about a second with the system compiler and is
+ * called through ctypes (kernels/cpu_library.py), which releases the GIL, so block ranges run in
+ * parallel on Python threads.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+/* 16-entry tables are one register: a lookup is one permute (vpermps) instead of a gather. */
+#define LP_AVX512 1
+#else
+#define LP_AVX512 0
+#endif
+
+#define LP_MAX_BLOCK 256
+
+enum {
+    LP_KIND_CODEBOOK16 = 0, /* 16 codes: code = #{k : mids[k] < n}, 15 compares */
+    LP_KIND_LINEAR16 = 1,   /* table[i] = (i + 1) / 16: code = clamp(ceil(16 n - 1.5), 0, 15) */
+    LP_KIND_CODEBOOK256 = 2, /* 256 codes: a bucket table on the float's top bits, then 1 compare */
+    LP_KIND_FP8 = 3,        /* code = FP8 bits of clamp(n * fmax), round to nearest even */
+};
+
+enum { LP_F32 = 0, LP_BF16 = 1, LP_F16 = 2 };
+
+/* One moment's storage format. Mirrors kernels/adamw_step_cpu.py's StateFormatC. */
+typedef struct {
+    int32_t kind;
+    int32_t packed;              /* two 4-bit codes per byte, half-block layout */
+    const float *table;          /* decoded (normalised) value of each code */
+    const float *mids;           /* ascending midpoints, padded with +inf to the code count */
+    const uint8_t *bucket_start; /* CODEBOOK256: #{mids below the lowest value of each bucket} */
+    int32_t bucket_shift;        /* CODEBOOK256: bucket = float bits >> bucket_shift */
+    int32_t fp8_mbits;           /* FP8: mantissa bits */
+    int32_t fp8_bias;            /* FP8: exponent bias */
+    float fp8_max;               /* FP8: largest finite value */
+    float fp8_minnorm;           /* FP8: smallest normal value */
+    float fp8_subscale;          /* FP8: 1 / smallest subnormal (a power of two) */
+} lp_format;
+
+/* Hyperparameter vector (lowprec.optim.functional.hyperparams). */
+enum { HP_BETA1, HP_1M_BETA1, HP_BETA2, HP_1M_BETA2, HP_DECAY, HP_NEG_STEP, HP_BC2_SQRT, HP_EPS };
+
+/* Smallest positive normal float32: an absmax below it is stored as 0 (state_quant.FLOAT32_TINY). */
+#define LP_FLOAT32_TINY 1.17549435082228750797e-38f
+
+static inline uint32_t f2u(float x) { uint32_t u; memcpy(&u, &x, 4); return u; }
+static inline float u2f(uint32_t u) { float x; memcpy(&x, &u, 4); return x; }
+
+/* ---------------------------------------------------------------------------------------------
+ * Encoders: normalised float32 values -> int32 codes (unpacked)
+ * ------------------------------------------------------------------------------------------- */
+
+static void encode_codebook16(const lp_format *f, const float *restrict x, float scale, int32_t *restrict out,
+                              int n) {
+#if LP_AVX512
+    if (n % 16 == 0) {
+        /* binary search: 4 steps, each threshold fetched by a permute of the (inf-padded) midpoints */
+        const __m512 mids = _mm512_loadu_ps(f->mids), s = _mm512_set1_ps(scale);
+        const __m512i one = _mm512_set1_epi32(1);
+        for (int i = 0; i < n; i += 16) {
+            __m512 v = _mm512_mul_ps(_mm512_loadu_ps(x + i), s);
+            __m512i idx = _mm512_setzero_si512();
+            for (int step = 8; step >= 1; step >>= 1) {
+                __m512i cand = _mm512_add_epi32(idx, _mm512_set1_epi32(step));
+                __m512 thr = _mm512_permutexvar_ps(_mm512_sub_epi32(cand, one), mids);
+                idx = _mm512_mask_mov_epi32(idx, _mm512_cmp_ps_mask(v, thr, _CMP_GT_OQ), cand);
+            }
+            _mm512_storeu_si512(out + i, idx);
+        }
+        return;
+    }
+#endif
+    float v[LP_MAX_BLOCK];
+    for (int i = 0; i < n; i++) {
+        v[i] = x[i] * scale;
+        out[i] = 0;
+    }
+    for (int k = 0; k < 15; k++) {
+        const float mid = f->mids[k];
+        for (int i = 0; i < n; i++) out[i] += v[i] > mid;
+    }
+}
+
+static void encode_linear16(const float *restrict x, float scale, int32_t *restrict out, int n) {
+    for (int i = 0; i < n; i++) {
+        float t = x[i] * scale * 16.0f - 1.5f;
+        /* clamp(ceil(t), 0, 15) = ceil(clamp(t, 0, 15)); NaN -> 0, as every comparison is false */
+        float c = t < 15.0f ? t : 15.0f;
+        c = t > 0.0f ? c : 0.0f;
+        out[i] = (int32_t)ceilf(c);
+    }
+}
+
+static void encode_codebook256(const lp_format *f, const float *restrict x, float scale, int32_t *restrict out,
+                               int n) {
+    const uint8_t *start = f->bucket_start;
+    const float *mids = f->mids;
+    const int shift = f->bucket_shift;
+    for (int i = 0; i < n; i++) {
+        float v = x[i] * scale;
+        int32_t s = start[f2u(v) >> shift];
+        int32_t c = s + (v > mids[s]);
+        out[i] = v == v ? c : 0;
+    }
+}
+
+static void encode_fp8(const lp_format *f, const float *restrict x, float scale, int32_t *restrict out, int n) {
+    const float fmax = f->fp8_max, minnorm = f->fp8_minnorm, subscale = f->fp8_subscale;
+    const int mbits = f->fp8_mbits, drop = 23 - mbits, rebias = 127 - f->fp8_bias;
+    const uint32_t mmask = (1u << mbits) - 1u;
+    const int32_t nan_code = 0x7F;
+    for (int i = 0; i < n; i++) {
+        float v = x[i] * scale * fmax;
+        v = v < -fmax ? -fmax : v;
+        v = v > fmax ? fmax : v;
+        uint32_t bits = f2u(v);
+        uint32_t sign = (bits >> 31) << 7;
+        uint32_t a = bits & 0x7FFFFFFFu;
+        /* normal: keep mbits mantissa bits, round to nearest even */
+        uint32_t r = (a + ((1u << (drop - 1)) - 1u) + ((a >> drop) & 1u)) >> drop;
+        uint32_t normal = ((uint32_t)((int32_t)(r >> mbits) - rebias) << mbits) | (r & mmask);
+        /* subnormal: in units of the smallest subnormal; +-2^23 rounds to an integer, ties to even
+           (an input that rounds up to the smallest normal gives that normal's code) */
+        float y = u2f(a) >= minnorm ? 0.0f : u2f(a) * subscale; /* < 2^mbits: no int overflow */
+        uint32_t sub = (uint32_t)(int32_t)((y + 8388608.0f) - 8388608.0f);
+        uint32_t code = u2f(a) >= minnorm ? normal : sub;
+        out[i] = v == v ? (int32_t)((code & 0x7Fu) | sign) : (int32_t)(nan_code | sign);
+    }
+}
+
+static void encode_values(const lp_format *f, const float *x, float scale, int32_t *out, int n) {
+    switch (f->kind) {
+    case LP_KIND_CODEBOOK16: encode_codebook16(f, x, scale, out, n); break;
+    case LP_KIND_LINEAR16: encode_linear16(x, scale, out, n); break;
+    case LP_KIND_CODEBOOK256: encode_codebook256(f, x, scale, out, n); break;
+    default: encode_fp8(f, x, scale, out, n); break;
+    }
+}
+
+/* Codes of one block of B values x under 1/absmax `scale`, stored packed or one per byte. */
+static void encode_block(const lp_format *f, const float *x, float scale, uint8_t *restrict codes, int B) {
+    int32_t c[LP_MAX_BLOCK];
+    encode_values(f, x, scale, c, B);
+    if (f->packed) {
+        const int H = B / 2;
+        for (int j = 0; j < H; j++) codes[j] = (uint8_t)(c[j] | (c[j + H] << 4));
+    } else {
+        for (int j = 0; j < B; j++) codes[j] = (uint8_t)c[j];
+    }
+}
+
+/* table[c] for 4-bit codes c as a tree of selects on the code's bits (vectorises; a gather from a
+ * 16-entry table does not, or slowly). */
+static inline float lookup16(const float *t, uint32_t c) {
+    float a0 = (c & 1) ? t[1] : t[0], a1 = (c & 1) ? t[3] : t[2], a2 = (c & 1) ? t[5] : t[4];
+    float a3 = (c & 1) ? t[7] : t[6], a4 = (c & 1) ? t[9] : t[8], a5 = (c & 1) ? t[11] : t[10];
+    float a6 = (c & 1) ? t[13] : t[12], a7 = (c & 1) ? t[15] : t[14];
+    float b0 = (c & 2) ? a1 : a0, b1 = (c & 2) ? a3 : a2, b2 = (c & 2) ? a5 : a4, b3 = (c & 2) ? a7 : a6;
+    float d0 = (c & 4) ? b1 : b0, d1 = (c & 4) ? b3 : b2;
+    return (c & 8) ? d1 : d0;
+}
+
+/* Values of one block: table[code] * absmax. */
+static void decode_block(const lp_format *f, const uint8_t *restrict codes, float absmax, float *restrict out,
+                         int B) {
+    const float *table = f->table;
+    if (!f->packed) {
+        for (int j = 0; j < B; j++) out[j] = table[codes[j]] * absmax;
+        return;
+    }
+    const int H = B / 2;
+    if (f->kind == LP_KIND_LINEAR16) { /* table[c] = (c + 1) / 16, exactly */
+        for (int j = 0; j < H; j++) {
+            uint32_t c = codes[j];
+            out[j] = ((float)(c & 15u) + 1.0f) * 0.0625f * absmax;
+            out[j + H] = ((float)(c >> 4) + 1.0f) * 0.0625f * absmax;
+        }
+        return;
+    }
+#if LP_AVX512
+    if (H % 16 == 0) {
+        const __m512 t = _mm512_loadu_ps(table), a = _mm512_set1_ps(absmax);
+        const __m512i low = _mm512_set1_epi32(15);
+        for (int j = 0; j < H; j += 16) {
+            __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(codes + j)));
+            _mm512_storeu_ps(out + j, _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(c, low), t), a));
+            _mm512_storeu_ps(out + j + H, _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(c, 4), t), a));
+        }
+        return;
+    }
+#endif
+    float t[16];
+    for (int k = 0; k < 16; k++) t[k] = table[k];
+    for (int j = 0; j < H; j++) {
+        uint32_t c = codes[j];
+        out[j] = lookup16(t, c & 15u) * absmax;
+        out[j + H] = lookup16(t, c >> 4) * absmax;
+    }
+}
+
+/* max |x| over a block, flushed to 0 below FLOAT32_TINY (NaN if an element is NaN, as torch's
+ * amax). On non-negative floats the order of the bit patterns is the order of the values (NaN
+ * above +inf), so this is an integer max, which vectorises without fast-math. */
+static float block_absmax(const float *restrict x, int B) {
+    uint32_t m = 0;
+    for (int i = 0; i < B; i++) {
+        uint32_t u = f2u(x[i]) & 0x7FFFFFFFu;
+        m = u > m ? u : m;
+    }
+    float r = u2f(m);
+    return r >= LP_FLOAT32_TINY || r != r ? r : 0.0f;
+}
+
+static inline float bf16_to_f32(uint16_t h) { return u2f((uint32_t)h << 16); }
+static inline uint16_t f32_to_bf16(float x) {
+    uint32_t u = f2u(x);
+    return x != x ? (uint16_t)0x7FC0 : (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* The float32 update of one block, p and g of element type T (loaded as float32). */
+#define LP_DEFINE_UPDATE(NAME, T, LOAD, STORE)                                                              \
+    static void NAME(T *restrict p, const T *restrict g, float *restrict m, float *restrict v,              \
+                     const float *hp, int maximize, int64_t n) {                                            \
+        const float b1 = hp[HP_BETA1], omb1 = hp[HP_1M_BETA1], b2 = hp[HP_BETA2], omb2 = hp[HP_1M_BETA2];   \
+        const float decay = hp[HP_DECAY], neg_step = hp[HP_NEG_STEP], bc2 = hp[HP_BC2_SQRT], eps = hp[HP_EPS]; \
+        const float gsign = maximize ? -1.0f : 1.0f;                                                        \
+        for (int64_t i = 0; i < n; i++) {                                                                   \
+            float gi = LOAD(g[i]) * gsign;                                                                  \
+            float mi = m[i] * b1 + gi * omb1;                                                               \
+            float vi = v[i] * b2 + (gi * gi) * omb2;                                                        \
+            m[i] = mi;                                                                                      \
+            v[i] = vi;                                                                                      \
+            float denom = sqrtf(vi) / bc2 + eps;                                                            \
+            p[i] = STORE(LOAD(p[i]) * decay + neg_step * (mi / denom));                                     \
+        }                                                                                                   \
+    }
+
+#define LP_IDENTITY(x) (x)
+LP_DEFINE_UPDATE(update_f32, float, LP_IDENTITY, LP_IDENTITY)
+LP_DEFINE_UPDATE(update_bf16, uint16_t, bf16_to_f32, f32_to_bf16)
+#ifdef __FLT16_MAX__ /* the compiler has _Float16 (GCC 12+, Clang 15+ on x86-64) */
+#define LP_HAS_F16 1
+#define LP_F16_LOAD(x) ((float)(x))
+#define LP_F16_STORE(x) ((_Float16)(x))
+LP_DEFINE_UPDATE(update_f16, _Float16, LP_F16_LOAD, LP_F16_STORE)
+#else
+#define LP_HAS_F16 0
+#endif
+
+/* One AdamW step over blocks [b0, b1) of (n_blocks, B) parameter/gradient views.
+ * mc/vc: codes, B/2 (packed) or B bytes per block; ma/va: per-block absmax (read, then written).
+ * Returns 0, or -1 on an unsupported block size or dtype (nothing written). */
+int lowprec_adamw_blocks(void *p, const void *g, int32_t dtype, uint8_t *mc, float *ma, uint8_t *vc, float *va,
+                         const float *hp, int64_t b0, int64_t b1, int32_t B, const lp_format *mf,
+                         const lp_format *vf, int32_t maximize) {
+    if (B <= 0 || B > LP_MAX_BLOCK || B % 32 != 0) return -1;
+    if (dtype != LP_F32 && dtype != LP_BF16 && !(dtype == LP_F16 && LP_HAS_F16)) return -1;
+    const int64_t mstride = mf->packed ? B / 2 : B, vstride = vf->packed ? B / 2 : B;
+    float m[LP_MAX_BLOCK], v[LP_MAX_BLOCK];
+    for (int64_t b = b0; b < b1; b++) {
+        uint8_t *mcb = mc + b * mstride, *vcb = vc + b * vstride;
+        decode_block(mf, mcb, ma[b], m, B);
+        decode_block(vf, vcb, va[b], v, B);
+        if (dtype == LP_F32)
+            update_f32((float *)p + b * B, (const float *)g + b * B, m, v, hp, maximize, B);
+        else if (dtype == LP_BF16)
+            update_bf16((uint16_t *)p + b * B, (const uint16_t *)g + b * B, m, v, hp, maximize, B);
+#if LP_HAS_F16
+        else
+            update_f16((_Float16 *)p + b * B, (const _Float16 *)g + b * B, m, v, hp, maximize, B);
+#endif
+        float m_absmax = block_absmax(m, B), v_absmax = block_absmax(v, B); /* v >= 0: max |v| = max v */
+        float m_scale = m_absmax > 0.0f ? 1.0f / m_absmax : 0.0f; /* safe_reciprocal */
+        float v_scale = v_absmax > 0.0f ? 1.0f / v_absmax : 0.0f;
+        encode_block(mf, m, m_scale, mcb, B);
+        encode_block(vf, v, v_scale, vcb, B);
+        ma[b] = m_absmax;
+        va[b] = v_absmax;
+    }
+    return 0;
+}
+
+/* The step on several tensors in one call (a param group: no per-tensor call overhead). Tensor t
+ * has nblocks[t] blocks; blocks are numbered across the tensors in order and [gb0, gb1) of that
+ * numbering is stepped, so threads can split a group evenly. Returns 0, or -1 as above. */
+int lowprec_adamw_tensors(int32_t count, void *const *p, const void *const *g, const int32_t *dtype,
+                          uint8_t *const *mc, float *const *ma, uint8_t *const *vc, float *const *va,
+                          const float *const *hp, const int64_t *nblocks, int64_t gb0, int64_t gb1, int32_t B,
+                          const lp_format *mf, const lp_format *vf, int32_t maximize) {
+    int64_t base = 0;
+    for (int32_t t = 0; t < count && base < gb1; t++) {
+        const int64_t lo = (gb0 > base ? gb0 : base) - base;
+        const int64_t hi = (gb1 < base + nblocks[t] ? gb1 : base + nblocks[t]) - base;
+        if (lo < hi && lowprec_adamw_blocks(p[t], g[t], dtype[t], mc[t], ma[t], vc[t], va[t], hp[t], lo, hi, B, mf, vf,
+                                            maximize) != 0)
+            return -1;
+        base += nblocks[t];
+    }
+    return 0;
+}
+
+/* The same step on float32 states (tensors below the quantization threshold, or kept in fp32 by
+ * name): m and v are updated in place, no blocks. Elements are numbered across the tensors in
+ * order and [e0, e1) of that numbering is stepped. Returns 0, or -1 on an unsupported dtype. */
+int lowprec_adamw_fp32_tensors(int32_t count, void *const *p, const void *const *g, const int32_t *dtype,
+                               float *const *m, float *const *v, const float *const *hp, const int64_t *numel,
+                               int64_t e0, int64_t e1, int32_t maximize) {
+    int64_t base = 0;
+    for (int32_t t = 0; t < count && base < e1; t++) {
+        const int64_t lo = (e0 > base ? e0 : base) - base;
+        const int64_t hi = (e1 < base + numel[t] ? e1 : base + numel[t]) - base;
+        base += numel[t];
+        if (lo >= hi) continue;
+        if (dtype[t] == LP_F32)
+            update_f32((float *)p[t] + lo, (const float *)g[t] + lo, m[t] + lo, v[t] + lo, hp[t], maximize, hi - lo);
+        else if (dtype[t] == LP_BF16)
+            update_bf16((uint16_t *)p[t] + lo, (const uint16_t *)g[t] + lo, m[t] + lo, v[t] + lo, hp[t], maximize,
+                        hi - lo);
+#if LP_HAS_F16
+        else if (dtype[t] == LP_F16)
+            update_f16((_Float16 *)p[t] + lo, (const _Float16 *)g[t] + lo, m[t] + lo, v[t] + lo, hp[t], maximize,
+                       hi - lo);
+#endif
+        else
+            return -1;
+    }
+    return 0;
+}
+
+/* Unpacked codes of n normalised values (for testing the encoders against the reference). */
+void lowprec_encode(const lp_format *f, const float *x, int32_t *out, int64_t n) {
+    int32_t buf[LP_MAX_BLOCK];
+    for (int64_t i = 0; i < n; i += LP_MAX_BLOCK) {
+        int k = (int)(n - i < LP_MAX_BLOCK ? n - i : LP_MAX_BLOCK);
+        encode_values(f, x + i, 1.0f, buf, k);
+        memcpy(out + i, buf, (size_t)k * sizeof(int32_t));
+    }
+}
+
+/* 1 when fp16 parameters are supported (the compiler has _Float16). */
+int32_t lowprec_has_f16(void) { return LP_HAS_F16; }

@@ -1,0 +1,293 @@
+"""The fused AdamW step on block-quantized moments for the CPU: a hand-written C loop.
+
+One pass per block (``kernels/adamw_step_cpu.c``): decode, update m, v and the parameter in
+float32, take the new absmax, requantize, with the block's working set in L1. Same contract and
+oracle as the Triton kernel (:mod:`lowprec.kernels.adamw_step`): arguments as
+``lowprec.optim.functional.adamw_blocks_``, and the result equal to it bit for bit (tests).
+
+Formats are duck-typed ``lowprec.optim`` StateFormats (no upward import). Blocks are split into
+contiguous ranges run on ``torch.get_num_threads()`` Python threads (ctypes releases the GIL).
+:func:`available` says whether the library could be built here; callers fall back to their
+PyTorch path when it is not.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import torch
+
+from lowprec.kernels import cpu_library
+from lowprec.kernels.adamw_step import _fp8_params
+
+LIBRARY = "adamw_step_cpu"
+
+# lp_format.kind in the C source.
+KIND_CODEBOOK16, KIND_LINEAR16, KIND_CODEBOOK256, KIND_FP8 = range(4)
+DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+MAX_BLOCK = 256
+# Below this many elements a step runs on one thread (a thread hand-off costs ~10-50 us).
+PARALLEL_MIN_ELEMENTS = 1 << 16
+
+
+class _Format(ctypes.Structure):
+    _fields_ = [
+        ("kind", ctypes.c_int32), ("packed", ctypes.c_int32),
+        ("table", ctypes.c_void_p), ("mids", ctypes.c_void_p), ("bucket_start", ctypes.c_void_p),
+        ("bucket_shift", ctypes.c_int32), ("fp8_mbits", ctypes.c_int32), ("fp8_bias", ctypes.c_int32),
+        ("fp8_max", ctypes.c_float), ("fp8_minnorm", ctypes.c_float), ("fp8_subscale", ctypes.c_float),
+    ]
+
+
+def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """Declare the C functions' signatures on a loaded library (also used by tests that build
+    the portable variant)."""
+    lib.lowprec_adamw_blocks.restype = ctypes.c_int
+    lib.lowprec_adamw_blocks.argtypes = [
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int32,
+        ctypes.POINTER(_Format), ctypes.POINTER(_Format), ctypes.c_int32,
+    ]
+    lib.lowprec_adamw_tensors.restype = ctypes.c_int
+    lib.lowprec_adamw_tensors.argtypes = [
+        ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+        ctypes.c_int32, ctypes.POINTER(_Format), ctypes.POINTER(_Format), ctypes.c_int32,
+    ]
+    lib.lowprec_adamw_fp32_tensors.restype = ctypes.c_int
+    lib.lowprec_adamw_fp32_tensors.argtypes = [
+        ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int32,
+    ]
+    lib.lowprec_encode.restype = None
+    lib.lowprec_encode.argtypes = [ctypes.POINTER(_Format), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    lib.lowprec_has_f16.restype = ctypes.c_int32
+    lib.lowprec_has_f16.argtypes = []
+    return lib
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    lib = cpu_library.load(LIBRARY)
+    return None if lib is None else bind(lib)
+
+
+def available() -> bool:
+    """True when the C library is built (or buildable) here and C kernels are not turned off."""
+    return cpu_library.enabled() and _library() is not None
+
+
+def supports_dtype(dtype: torch.dtype) -> bool:
+    """Whether C kernels are on and built here and step parameters of ``dtype``."""
+    if not cpu_library.enabled() or dtype not in DTYPES:
+        return False
+    lib = _library()
+    return lib is not None and (dtype != torch.float16 or bool(lib.lowprec_has_f16()))
+
+
+def supports(p: torch.Tensor, m_fmt: Any, v_fmt: Any) -> bool:
+    """Whether this kernel handles a step of ``p`` under these (block-quantized) state formats."""
+    if p.device.type != "cpu" or not supports_dtype(p.dtype):
+        return False
+    bs = m_fmt.block_size
+    return bs == v_fmt.block_size and bs <= MAX_BLOCK and bs % 32 == 0
+
+
+def _f32_bits_to_float(bits: np.ndarray) -> np.ndarray:
+    return bits.astype(np.uint32).view(np.float32)
+
+
+def bucket_table(mids: np.ndarray, shift: int) -> np.ndarray | None:
+    """For a 256-code map: ``start[k]`` = number of midpoints below every float32 whose bits
+    ``>> shift`` equal ``k``, or ``None`` when some bucket holds two midpoints (then one compare
+    after the lookup would not decide the code). NaN-only buckets start at 0."""
+    keys = np.arange(1 << (32 - shift), dtype=np.uint64)
+    first = (keys << shift).astype(np.uint32)
+    last = first | np.uint32((1 << shift) - 1)
+    negative = (keys >> (31 - shift)) & 1 == 1
+    lo = np.where(negative, _f32_bits_to_float(last), _f32_bits_to_float(first))
+    hi = np.where(negative, _f32_bits_to_float(first), _f32_bits_to_float(last))
+    all_nan = np.isnan(lo) & np.isnan(hi)
+    signed_inf = np.where(negative, -np.inf, np.inf).astype(np.float32)
+    lo = np.where(np.isnan(lo), signed_inf, lo)  # a bucket shared by an infinity and NaNs
+    hi = np.where(np.isnan(hi), signed_inf, hi)
+    start = np.searchsorted(mids, lo, side="left")  # #{mids < lo}
+    end = np.searchsorted(mids, hi, side="left")
+    if np.any((end - start)[~all_nan] > 1):
+        return None
+    return np.where(all_nan, 0, start).astype(np.uint8)
+
+
+class _FormatArgs:
+    """The C descriptor of one state format, with the arrays it points to kept alive."""
+
+    def __init__(self, sf: Any) -> None:
+        table = np.ascontiguousarray(np.array(sf.table_values, dtype=np.float32))
+        self.arrays = [table]
+        d = _Format(packed=int(bool(sf.packed)), table=table.ctypes.data)
+        if sf.is_fp8:
+            fp = _fp8_params(sf.fmt)
+            d.kind, d.fp8_mbits, d.fp8_bias = KIND_FP8, fp["MBITS"], fp["BIAS"]
+            d.fp8_max, d.fp8_minnorm, d.fp8_subscale = fp["FMAX"], fp["MINNORM"], fp["SUBSCALE"]
+        else:
+            mids = np.array(sf.midpoint_values, dtype=np.float32)
+            ncodes = len(sf.table_values)
+            padded = np.full(ncodes, np.inf, dtype=np.float32)
+            padded[: mids.size] = mids
+            self.arrays.append(padded)
+            d.mids = padded.ctypes.data
+            if ncodes == 16:
+                linear = sf.table_values == tuple((i + 1) / 16 for i in range(16))
+                d.kind = KIND_LINEAR16 if linear else KIND_CODEBOOK16
+            elif ncodes == 256:
+                d.kind = KIND_CODEBOOK256
+                for shift in range(16, 8, -1):  # 64 KiB table first, larger only if needed
+                    start = bucket_table(mids, shift)
+                    if start is not None:
+                        break
+                else:
+                    raise ValueError(f"adamw_step_cpu: state format {sf.name}: midpoints too dense for a bucket table")
+                self.arrays.append(start)
+                d.bucket_start, d.bucket_shift = start.ctypes.data, shift
+            else:
+                raise ValueError(f"adamw_step_cpu: state format {sf.name} has {ncodes} codes; expected 16 or 256")
+        self.desc = d
+        self.ref = ctypes.byref(d)
+
+
+@functools.cache
+def _format_args(sf: Any) -> _FormatArgs:
+    return _FormatArgs(sf)
+
+
+@functools.cache
+def _pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lowprec-adamw")
+
+
+def encode(x: torch.Tensor, sf: Any) -> torch.Tensor:
+    """int32 codes (unpacked) of normalised float32 values under ``sf``: the C encoder, exposed so
+    tests can hold it against the reference encoder on any values."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("adamw_step_cpu: the C library is not available")
+    xs = x.detach().float().contiguous().reshape(-1)
+    out = torch.empty(xs.shape, dtype=torch.int32)
+    lib.lowprec_encode(_format_args(sf).ref, xs.data_ptr(), out.data_ptr(), xs.numel())
+    return out.view(x.shape)
+
+
+def _check(name: str, t: torch.Tensor, shape: tuple[int, ...] | None = None, dtype: torch.dtype | None = None) -> None:
+    if t.device.type != "cpu" or not t.is_contiguous():
+        raise ValueError(f"adamw_step_cpu: {name} must be a contiguous CPU tensor")
+    if shape is not None and (tuple(t.shape) != shape or t.dtype != dtype):
+        raise ValueError(f"adamw_step_cpu: {name} must be {dtype} of shape {shape}; got {t.dtype} {tuple(t.shape)}")
+
+
+def adamw_tensors_cpu_(params: list[torch.Tensor], grads: list[torch.Tensor], m_codes: list[torch.Tensor],
+                       m_absmax: list[torch.Tensor], v_codes: list[torch.Tensor], v_absmax: list[torch.Tensor],
+                       hps: list[torch.Tensor], m_fmt: Any, v_fmt: Any, maximize: bool = False,
+                       threads: int | None = None, check: bool = True) -> None:
+    """:func:`adamw_blocks_cpu_` on several tensors in one C call, each with its own states and
+    hyperparameter vector (a param group). ``params[i]``/``grads[i]`` are ``(n_blocks_i, B)``
+    views. The blocks of all tensors are split evenly over ``threads`` (default
+    ``torch.get_num_threads()``). ``check=False`` skips the per-tensor layout checks (for callers
+    that made the states themselves: the optimizer)."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("adamw_step_cpu: the C library is not available")
+    count = len(params)
+    if not count == len(grads) == len(m_codes) == len(m_absmax) == len(v_codes) == len(v_absmax) == len(hps):
+        raise ValueError("adamw_step_cpu: params, grads, states and hyperparameters must have one entry per tensor")
+    bs = m_fmt.block_size
+    m_bytes = bs // 2 if m_fmt.packed else bs
+    v_bytes = bs // 2 if v_fmt.packed else bs
+    nblocks = [p.shape[0] for p in params]
+    for i, (p, g) in enumerate(zip(params, grads) if check else ()):
+        if not supports(p, m_fmt, v_fmt):
+            raise ValueError(f"adamw_step_cpu: unsupported step for tensor {i} (dtype {p.dtype}, device {p.device}, "
+                             f"block sizes {m_fmt.block_size}/{v_fmt.block_size})")
+        if p.dim() != 2 or p.shape[1] != bs or g.shape != p.shape or g.dtype != p.dtype:
+            raise ValueError(f"adamw_step_cpu: expected p and g of one dtype and shape (n_blocks, {bs}); got "
+                             f"{p.dtype} {tuple(p.shape)}, {g.dtype} {tuple(g.shape)}")
+        nb = p.shape[0]
+        _check("p", p)
+        _check("g", g)
+        _check("m_codes", m_codes[i], (nb, m_bytes), torch.uint8)
+        _check("v_codes", v_codes[i], (nb, v_bytes), torch.uint8)
+        _check("m_absmax", m_absmax[i], (nb,), torch.float32)
+        _check("v_absmax", v_absmax[i], (nb,), torch.float32)
+    total = sum(nblocks)
+    if total == 0:
+        return
+    hps = [h.detach().to(device="cpu", dtype=torch.float32).contiguous() for h in hps]
+
+    args = (count, _pointers(params), _pointers(grads), (ctypes.c_int32 * count)(*[DTYPES[p.dtype] for p in params]),
+            _pointers(m_codes), _pointers(m_absmax), _pointers(v_codes), _pointers(v_absmax), _pointers(hps),
+            (ctypes.c_int64 * count)(*nblocks))
+    mf, vf = _format_args(m_fmt), _format_args(v_fmt)
+    tail = (bs, mf.ref, vf.ref, int(bool(maximize)))
+    _run_split(lib.lowprec_adamw_tensors, args, total, tail, total * bs, threads)
+
+
+def _run_split(fn: Any, head: tuple, total: int, tail: tuple, elements: int, threads: int | None) -> None:
+    """``fn(*head, start, end, *tail)`` over ``[0, total)``, split evenly over the threads."""
+    workers = max(1, threads if threads is not None else torch.get_num_threads())
+    workers = min(workers, max(1, elements // PARALLEL_MIN_ELEMENTS))
+    if workers == 1:
+        results = [fn(*head, 0, total, *tail)]
+    else:
+        edges = [total * i // workers for i in range(workers + 1)]
+        futures = [_pool(workers).submit(fn, *head, a, b, *tail) for a, b in zip(edges[:-1], edges[1:])]
+        results = [f.result() for f in futures]
+    if any(results):  # the Python checks ran first: a -1 here means they and the C checks disagree
+        raise RuntimeError(f"adamw_step_cpu: the C kernel rejected the call ({fn.__name__})")
+
+
+def _pointers(ts: list[torch.Tensor]) -> ctypes.Array:
+    return (ctypes.c_void_p * len(ts))(*[t.data_ptr() for t in ts])
+
+
+def adamw_fp32_tensors_cpu_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+                            exp_avg_sqs: list[torch.Tensor], hps: list[torch.Tensor], maximize: bool = False,
+                            threads: int | None = None, check: bool = True) -> None:
+    """The step on float32 states (``lowprec.optim.functional.adamw_fp32_``) for several tensors in
+    one C call: parameters and gradients of one dtype each, float32 moments of the same shape,
+    all contiguous CPU tensors; updated in place. ``check=False`` as :func:`adamw_tensors_cpu_`."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("adamw_step_cpu: the C library is not available")
+    count = len(params)
+    if not count == len(grads) == len(exp_avgs) == len(exp_avg_sqs) == len(hps):
+        raise ValueError("adamw_step_cpu: params, grads, states and hyperparameters must have one entry per tensor")
+    for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs) if check else ()):
+        if not supports_dtype(p.dtype) or g.dtype != p.dtype or g.shape != p.shape:
+            raise ValueError(f"adamw_step_cpu: tensor {i}: expected p and g of one shape and a supported float "
+                             f"dtype; got {p.dtype} {tuple(p.shape)}, {g.dtype} {tuple(g.shape)}")
+        _check("p", p)
+        _check("g", g)
+        _check("exp_avg", m, tuple(p.shape), torch.float32)
+        _check("exp_avg_sq", v, tuple(p.shape), torch.float32)
+    numel = [p.numel() for p in params]
+    total = sum(numel)
+    if total == 0:
+        return
+    hps = [h.detach().to(device="cpu", dtype=torch.float32).contiguous() for h in hps]
+    head = (count, _pointers(params), _pointers(grads), (ctypes.c_int32 * count)(*[DTYPES[p.dtype] for p in params]),
+            _pointers(exp_avgs), _pointers(exp_avg_sqs), _pointers(hps), (ctypes.c_int64 * count)(*numel))
+    _run_split(lib.lowprec_adamw_fp32_tensors, head, total, (int(bool(maximize)),), total, threads)
+
+
+def adamw_blocks_cpu_(p: torch.Tensor, g: torch.Tensor, m_codes: torch.Tensor, m_absmax: torch.Tensor,
+                      v_codes: torch.Tensor, v_absmax: torch.Tensor, hp: torch.Tensor, m_fmt: Any, v_fmt: Any,
+                      maximize: bool = False, threads: int | None = None) -> None:
+    """One fused step on ``(n_blocks, B)`` contiguous CPU views, in place; arguments as
+    ``lowprec.optim.functional.adamw_blocks_``. ``threads``: default ``torch.get_num_threads()``."""
+    adamw_tensors_cpu_([p], [g], [m_codes], [m_absmax], [v_codes], [v_absmax], [hp], m_fmt, v_fmt, maximize, threads)
+
+
+__all__ = ["available", "supports", "supports_dtype", "adamw_blocks_cpu_", "adamw_tensors_cpu_", "adamw_fp32_tensors_cpu_", "encode", "bucket_table"]
