@@ -266,6 +266,112 @@ LP_DEFINE_UPDATE(update_f16, _Float16, LP_F16_LOAD, LP_F16_STORE)
 #define LP_HAS_F16 0
 #endif
 
+#if LP_AVX512
+/* The hot case, packed 4-bit m and v with float32 or bf16 parameters, as one loop over 16-lane
+ * vectors: decode, update, absmax in registers, then encode and pack. The same float32
+ * operations in the same order as the scalar path (explicit mul/add intrinsics; no FMA), so the
+ * same bits (tests build both). */
+static inline __m512 avx_decode4(__m512i c, const lp_format *f, __m512 table, __m512 absmax) {
+    if (f->kind == LP_KIND_LINEAR16)
+        return _mm512_mul_ps(_mm512_mul_ps(_mm512_add_ps(_mm512_cvtepi32_ps(c), _mm512_set1_ps(1.0f)),
+                                           _mm512_set1_ps(0.0625f)), absmax);
+    return _mm512_mul_ps(_mm512_permutexvar_ps(c, table), absmax);
+}
+
+static inline __m512i avx_encode4(__m512 x, __m512 scale, const lp_format *f, __m512 mids) {
+    __m512 v = _mm512_mul_ps(x, scale);
+    if (f->kind == LP_KIND_LINEAR16) {
+        __m512 t = _mm512_sub_ps(_mm512_mul_ps(v, _mm512_set1_ps(16.0f)), _mm512_set1_ps(1.5f));
+        __m512 c = _mm512_mask_mov_ps(_mm512_set1_ps(15.0f), _mm512_cmp_ps_mask(t, _mm512_set1_ps(15.0f), _CMP_LT_OQ), t);
+        c = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(t, _mm512_setzero_ps(), _CMP_GT_OQ), c);
+        return _mm512_cvttps_epi32(_mm512_roundscale_ps(c, _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC));
+    }
+    const __m512i one = _mm512_set1_epi32(1);
+    __m512i idx = _mm512_setzero_si512();
+    for (int step = 8; step >= 1; step >>= 1) {
+        __m512i cand = _mm512_add_epi32(idx, _mm512_set1_epi32(step));
+        __m512 thr = _mm512_permutexvar_ps(_mm512_sub_epi32(cand, one), mids);
+        idx = _mm512_mask_mov_epi32(idx, _mm512_cmp_ps_mask(v, thr, _CMP_GT_OQ), cand);
+    }
+    return idx;
+}
+
+static inline __m512 avx_load(const void *base, int64_t i, int32_t dtype) {
+    if (dtype == LP_F32) return _mm512_loadu_ps((const float *)base + i);
+    __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)base + i));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+static inline void avx_store(void *base, int64_t i, int32_t dtype, __m512 x) {
+    if (dtype == LP_F32) {
+        _mm512_storeu_ps((float *)base + i, x);
+        return;
+    }
+    __m512i u = _mm512_castps_si512(x); /* bf16, round to nearest even; NaN -> 0x7FC0 */
+    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF),
+                                                     _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+    r = _mm512_srli_epi32(r, 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+    _mm256_storeu_si256((__m256i *)((uint16_t *)base + i), _mm512_cvtepi32_epi16(r));
+}
+
+static inline float avx_absmax_of_bits(__m512i max_bits) {
+    float r = u2f((uint32_t)_mm512_reduce_max_epu32(max_bits));
+    return r >= LP_FLOAT32_TINY || r != r ? r : 0.0f; /* flush_tiny */
+}
+
+static void block4_avx512(void *p, const void *g, int32_t dtype, int64_t b, int32_t B, uint8_t *mcb, float *ma,
+                          uint8_t *vcb, float *va, const float *hp, const lp_format *mf, const lp_format *vf,
+                          int32_t maximize) {
+    const int H = B / 2;
+    const __m512 b1 = _mm512_set1_ps(hp[HP_BETA1]), omb1 = _mm512_set1_ps(hp[HP_1M_BETA1]);
+    const __m512 b2 = _mm512_set1_ps(hp[HP_BETA2]), omb2 = _mm512_set1_ps(hp[HP_1M_BETA2]);
+    const __m512 decay = _mm512_set1_ps(hp[HP_DECAY]), neg_step = _mm512_set1_ps(hp[HP_NEG_STEP]);
+    const __m512 bc2 = _mm512_set1_ps(hp[HP_BC2_SQRT]), eps = _mm512_set1_ps(hp[HP_EPS]);
+    const __m512 gsign = _mm512_set1_ps(maximize ? -1.0f : 1.0f);
+    const __m512 mtab = _mm512_loadu_ps(mf->table), vtab = _mm512_loadu_ps(vf->table);
+    const __m512 mabs = _mm512_set1_ps(*ma), vabs = _mm512_set1_ps(*va);
+    const __m512i low = _mm512_set1_epi32(15), nosign = _mm512_set1_epi32(0x7FFFFFFF);
+    float mbuf[LP_MAX_BLOCK], vbuf[LP_MAX_BLOCK];
+    __m512i mmax = _mm512_setzero_si512(), vmax = _mm512_setzero_si512();
+    const int64_t base = b * B;
+    for (int j = 0; j < H; j += 16) {
+        __m512i cm = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(mcb + j)));
+        __m512i cv = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(vcb + j)));
+        for (int h = 0; h < 2; h++) {
+            const int k = j + h * H;
+            __m512 mo = avx_decode4(h ? _mm512_srli_epi32(cm, 4) : _mm512_and_si512(cm, low), mf, mtab, mabs);
+            __m512 vo = avx_decode4(h ? _mm512_srli_epi32(cv, 4) : _mm512_and_si512(cv, low), vf, vtab, vabs);
+            __m512 gi = _mm512_mul_ps(avx_load(g, base + k, dtype), gsign);
+            __m512 m = _mm512_add_ps(_mm512_mul_ps(mo, b1), _mm512_mul_ps(gi, omb1));
+            __m512 v = _mm512_add_ps(_mm512_mul_ps(vo, b2), _mm512_mul_ps(_mm512_mul_ps(gi, gi), omb2));
+            __m512 denom = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(v), bc2), eps);
+            __m512 pn = _mm512_add_ps(_mm512_mul_ps(avx_load(p, base + k, dtype), decay),
+                                      _mm512_mul_ps(neg_step, _mm512_div_ps(m, denom)));
+            avx_store(p, base + k, dtype, pn);
+            _mm512_storeu_ps(mbuf + k, m);
+            _mm512_storeu_ps(vbuf + k, v);
+            mmax = _mm512_max_epu32(mmax, _mm512_and_si512(_mm512_castps_si512(m), nosign));
+            vmax = _mm512_max_epu32(vmax, _mm512_and_si512(_mm512_castps_si512(v), nosign));
+        }
+    }
+    const float m_absmax = avx_absmax_of_bits(mmax), v_absmax = avx_absmax_of_bits(vmax);
+    const __m512 ms = _mm512_set1_ps(m_absmax > 0.0f ? 1.0f / m_absmax : 0.0f); /* safe_reciprocal */
+    const __m512 vs = _mm512_set1_ps(v_absmax > 0.0f ? 1.0f / v_absmax : 0.0f);
+    const __m512 mmids = _mm512_loadu_ps(mf->mids), vmids = _mm512_loadu_ps(vf->mids);
+    for (int j = 0; j < H; j += 16) {
+        __m512i m0 = avx_encode4(_mm512_loadu_ps(mbuf + j), ms, mf, mmids);
+        __m512i m1 = avx_encode4(_mm512_loadu_ps(mbuf + j + H), ms, mf, mmids);
+        __m512i v0 = avx_encode4(_mm512_loadu_ps(vbuf + j), vs, vf, vmids);
+        __m512i v1 = avx_encode4(_mm512_loadu_ps(vbuf + j + H), vs, vf, vmids);
+        _mm_storeu_si128((__m128i *)(mcb + j), _mm512_cvtepi32_epi8(_mm512_or_si512(m0, _mm512_slli_epi32(m1, 4))));
+        _mm_storeu_si128((__m128i *)(vcb + j), _mm512_cvtepi32_epi8(_mm512_or_si512(v0, _mm512_slli_epi32(v1, 4))));
+    }
+    *ma = m_absmax;
+    *va = v_absmax;
+}
+#endif
+
 /* One AdamW step over blocks [b0, b1) of (n_blocks, B) parameter/gradient views.
  * mc/vc: codes, B/2 (packed) or B bytes per block; ma/va: per-block absmax (read, then written).
  * Returns 0, or -1 on an unsupported block size or dtype (nothing written). */
@@ -276,6 +382,15 @@ int lowprec_adamw_blocks(void *p, const void *g, int32_t dtype, uint8_t *mc, flo
     if (dtype != LP_F32 && dtype != LP_BF16 && !(dtype == LP_F16 && LP_HAS_F16)) return -1;
     const int64_t mstride = mf->packed ? B / 2 : B, vstride = vf->packed ? B / 2 : B;
     float m[LP_MAX_BLOCK], v[LP_MAX_BLOCK];
+#if LP_AVX512
+    const int is4 = mf->packed && vf->packed && (mf->kind == LP_KIND_LINEAR16 || mf->kind == LP_KIND_CODEBOOK16) &&
+                    (vf->kind == LP_KIND_LINEAR16 || vf->kind == LP_KIND_CODEBOOK16);
+    if (is4 && (dtype == LP_F32 || dtype == LP_BF16) && (B / 2) % 16 == 0) {
+        for (int64_t b = b0; b < b1; b++)
+            block4_avx512(p, g, dtype, b, B, mc + b * mstride, ma + b, vc + b * vstride, va + b, hp, mf, vf, maximize);
+        return 0;
+    }
+#endif
     for (int64_t b = b0; b < b1; b++) {
         uint8_t *mcb = mc + b * mstride, *vcb = vc + b * vstride;
         decode_block(mf, mcb, ma[b], m, B);
