@@ -63,6 +63,8 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int32,
     ]
+    lib.lowprec_increment.restype = None
+    lib.lowprec_increment.argtypes = [ctypes.c_int32, ctypes.c_void_p]
     lib.lowprec_encode.restype = None
     lib.lowprec_encode.argtypes = [ctypes.POINTER(_Format), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
     lib.lowprec_has_f16.restype = ctypes.c_int32
@@ -81,20 +83,31 @@ def available() -> bool:
     return cpu_library.enabled() and _library() is not None
 
 
+def supported_dtypes() -> frozenset[torch.dtype]:
+    """Parameter dtypes the C kernels step here (empty when they are off or cannot be built)."""
+    if not cpu_library.enabled():
+        return frozenset()
+    lib = _library()
+    if lib is None:
+        return frozenset()
+    return frozenset(d for d in DTYPES if d != torch.float16 or lib.lowprec_has_f16())
+
+
 def supports_dtype(dtype: torch.dtype) -> bool:
     """Whether C kernels are on and built here and step parameters of ``dtype``."""
-    if not cpu_library.enabled() or dtype not in DTYPES:
-        return False
-    lib = _library()
-    return lib is not None and (dtype != torch.float16 or bool(lib.lowprec_has_f16()))
+    return dtype in supported_dtypes()
+
+
+def supports_formats(m_fmt: Any, v_fmt: Any) -> bool:
+    """Whether the block kernel handles this pair of state formats (one block size, at most 256,
+    a multiple of 32)."""
+    bs = m_fmt.block_size
+    return bs == v_fmt.block_size and bs <= MAX_BLOCK and bs % 32 == 0
 
 
 def supports(p: torch.Tensor, m_fmt: Any, v_fmt: Any) -> bool:
     """Whether this kernel handles a step of ``p`` under these (block-quantized) state formats."""
-    if p.device.type != "cpu" or not supports_dtype(p.dtype):
-        return False
-    bs = m_fmt.block_size
-    return bs == v_fmt.block_size and bs <= MAX_BLOCK and bs % 32 == 0
+    return p.device.type == "cpu" and supports_dtype(p.dtype) and supports_formats(m_fmt, v_fmt)
 
 
 def _f32_bits_to_float(bits: np.ndarray) -> np.ndarray:
@@ -194,7 +207,7 @@ def adamw_tensors_cpu_(params: list[torch.Tensor], grads: list[torch.Tensor], m_
                        threads: int | None = None, check: bool = True) -> None:
     """:func:`adamw_blocks_cpu_` on several tensors in one C call, each with its own states and
     hyperparameter vector (a param group). ``params[i]``/``grads[i]`` are ``(n_blocks_i, B)``
-    views. The blocks of all tensors are split evenly over ``threads`` (default
+    views (with ``check=False``, any contiguous tensors of ``n_blocks_i * B`` elements). The blocks of all tensors are split evenly over ``threads`` (default
     ``torch.get_num_threads()``). ``check=False`` skips the per-tensor layout checks (for callers
     that made the states themselves: the optimizer)."""
     lib = _library()
@@ -206,7 +219,7 @@ def adamw_tensors_cpu_(params: list[torch.Tensor], grads: list[torch.Tensor], m_
     bs = m_fmt.block_size
     m_bytes = bs // 2 if m_fmt.packed else bs
     v_bytes = bs // 2 if v_fmt.packed else bs
-    nblocks = [p.shape[0] for p in params]
+    nblocks = [p.numel() // bs for p in params]
     for i, (p, g) in enumerate(zip(params, grads) if check else ()):
         if not supports(p, m_fmt, v_fmt):
             raise ValueError(f"adamw_step_cpu: unsupported step for tensor {i} (dtype {p.dtype}, device {p.device}, "
@@ -224,8 +237,7 @@ def adamw_tensors_cpu_(params: list[torch.Tensor], grads: list[torch.Tensor], m_
     total = sum(nblocks)
     if total == 0:
         return
-    hps = [h.detach().to(device="cpu", dtype=torch.float32).contiguous() for h in hps]
-
+    hps = _as_float32_cpu(hps)
     args = (count, _pointers(params), _pointers(grads), (ctypes.c_int32 * count)(*[DTYPES[p.dtype] for p in params]),
             _pointers(m_codes), _pointers(m_absmax), _pointers(v_codes), _pointers(v_absmax), _pointers(hps),
             (ctypes.c_int64 * count)(*nblocks))
@@ -246,6 +258,27 @@ def _run_split(fn: Any, head: tuple, total: int, tail: tuple, elements: int, thr
         results = [f.result() for f in futures]
     if any(results):  # the Python checks ran first: a -1 here means they and the C checks disagree
         raise RuntimeError(f"adamw_step_cpu: the C kernel rejected the call ({fn.__name__})")
+
+
+def increment_(counters: list[torch.Tensor]) -> None:
+    """Add 1 to float32 scalar CPU tensors in place (one C call: the optimizer's step counters)."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("adamw_step_cpu: the C library is not available")
+    for t in counters:
+        if t.dtype != torch.float32 or t.numel() != 1 or t.device.type != "cpu":
+            raise ValueError(f"adamw_step_cpu: a step counter must be one float32 CPU element; got {t.dtype} "
+                             f"{tuple(t.shape)} on {t.device}")
+    lib.lowprec_increment(len(counters), _pointers(counters))
+
+
+def _as_float32_cpu(hps: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Hyperparameter vectors as contiguous float32 CPU tensors (each distinct one converted once)."""
+    done: dict[int, torch.Tensor] = {}
+    for h in hps:
+        if id(h) not in done:
+            done[id(h)] = h.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    return [done[id(h)] for h in hps]
 
 
 def _pointers(ts: list[torch.Tensor]) -> ctypes.Array:
@@ -276,7 +309,7 @@ def adamw_fp32_tensors_cpu_(params: list[torch.Tensor], grads: list[torch.Tensor
     total = sum(numel)
     if total == 0:
         return
-    hps = [h.detach().to(device="cpu", dtype=torch.float32).contiguous() for h in hps]
+    hps = _as_float32_cpu(hps)
     head = (count, _pointers(params), _pointers(grads), (ctypes.c_int32 * count)(*[DTYPES[p.dtype] for p in params]),
             _pointers(exp_avgs), _pointers(exp_avg_sqs), _pointers(hps), (ctypes.c_int64 * count)(*numel))
     _run_split(lib.lowprec_adamw_fp32_tensors, head, total, (int(bool(maximize)),), total, threads)
@@ -290,4 +323,4 @@ def adamw_blocks_cpu_(p: torch.Tensor, g: torch.Tensor, m_codes: torch.Tensor, m
     adamw_tensors_cpu_([p], [g], [m_codes], [m_absmax], [v_codes], [v_absmax], [hp], m_fmt, v_fmt, maximize, threads)
 
 
-__all__ = ["available", "supports", "supports_dtype", "adamw_blocks_cpu_", "adamw_tensors_cpu_", "adamw_fp32_tensors_cpu_", "encode", "bucket_table"]
+__all__ = ["available", "supports", "supports_dtype", "supported_dtypes", "supports_formats", "adamw_blocks_cpu_", "adamw_tensors_cpu_", "adamw_fp32_tensors_cpu_", "increment_", "encode", "bucket_table"]

@@ -292,13 +292,14 @@ class QuantizedAdamW(Optimizer):
                                              + (f" and {len(bad) - 1} more" if len(bad) > 1 else ""))
                 group["skipped_steps"] = int(group.get("skipped_steps", 0)) + 1
                 continue
-            use_c = self.compile and forced_backend() is None and adamw_step_cpu.available()
+            c_dtypes = (adamw_step_cpu.supported_dtypes() if self.compile and forced_backend() is None
+                        else frozenset())
             blocks, fp32 = [], []
             for (p, name, _), g in zip(items, grads):
                 state = self.state[p]
                 if len(state) == 0:
                     state = self._init_state(p, name, group)
-                kind = self._c_kernel_kind(p, g, state) if use_c else None
+                kind = self._c_kernel_kind(p, g, state, c_dtypes) if c_dtypes else None
                 if kind == "blocks":
                     blocks.append((_local(p), g, state))
                 elif kind == "fp32":
@@ -309,20 +310,24 @@ class QuantizedAdamW(Optimizer):
                 self._step_c_kernel(blocks, fp32, group)
         return loss
 
-    def _c_kernel_kind(self, p: torch.Tensor, g: torch.Tensor, state: dict[str, Any]) -> str | None:
+    def _c_kernel_kind(self, p: torch.Tensor, g: torch.Tensor, state: dict[str, Any],
+                       dtypes: frozenset[torch.dtype]) -> str | None:
         """``"blocks"`` or ``"fp32"`` for a tensor the CPU C kernel steps in place (block-quantized m
         and v whose size is a whole number of blocks, or float32 states), else ``None`` (then
-        :meth:`_step_param` runs: padded copies, rank-1 / factored v, Triton, other devices)."""
+        :meth:`_step_param` runs: padded copies, rank-1 / factored v, Triton, other devices).
+        ``dtypes``: the parameter dtypes the kernel supports here."""
         pl = _local(p)
         n = pl.numel()
-        if not (n > 0 and pl.device.type == "cpu" and g.device.type == "cpu" and g.dtype == pl.dtype
-                and pl.is_contiguous() and g.is_contiguous()):
+        step = state["step"]
+        if not (n > 0 and pl.dtype in dtypes and g.dtype == pl.dtype and pl.device.type == "cpu"
+                and g.device.type == "cpu" and pl.is_contiguous() and g.is_contiguous()
+                and step.dtype == torch.float32 and step.device.type == "cpu"):
             return None
         if "exp_avg" in state:
-            return "fp32" if adamw_step_cpu.supports_dtype(pl.dtype) else None
+            return "fp32"
         bs = self.M_FORMAT.block_size
         if ("exp_avg_sq_absmax" in state and n % bs == 0 and state["exp_avg_absmax"].numel() == n // bs
-                and adamw_step_cpu.supports(pl, self.M_FORMAT, self.V_FORMAT)):
+                and adamw_step_cpu.supports_formats(self.M_FORMAT, self.V_FORMAT)):
             return "blocks"
         return None
 
@@ -344,9 +349,8 @@ class QuantizedAdamW(Optimizer):
             return hps[k]
 
         if blocks:
-            bs = self.M_FORMAT.block_size
             adamw_step_cpu.adamw_tensors_cpu_(
-                [p.view(-1, bs) for p, _, _ in blocks], [g.view(-1, bs) for _, g, _ in blocks],
+                [p for p, _, _ in blocks], [g for _, g, _ in blocks],
                 [st["exp_avg_codes"] for _, _, st in blocks], [st["exp_avg_absmax"] for _, _, st in blocks],
                 [st["exp_avg_sq_codes"] for _, _, st in blocks], [st["exp_avg_sq_absmax"] for _, _, st in blocks],
                 [hp_of(st) for _, _, st in blocks], self.M_FORMAT, self.V_FORMAT, maximize, check=False)
@@ -354,7 +358,7 @@ class QuantizedAdamW(Optimizer):
             adamw_step_cpu.adamw_fp32_tensors_cpu_(
                 [p for p, _, _ in fp32], [g for _, g, _ in fp32], [st["exp_avg"] for _, _, st in fp32],
                 [st["exp_avg_sq"] for _, _, st in fp32], [hp_of(st) for _, _, st in fp32], maximize, check=False)
-        torch._foreach_add_([st["step"] for _, _, st in blocks + fp32], 1.0)
+        adamw_step_cpu.increment_([st["step"] for _, _, st in blocks + fp32])
 
     def _step_param(self, p: torch.Tensor, g: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         state["step"] += 1
