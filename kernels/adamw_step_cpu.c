@@ -115,6 +115,22 @@ static void encode_codebook256(const lp_format *f, const float *restrict x, floa
     const uint8_t *start = f->bucket_start;
     const float *mids = f->mids;
     const int shift = f->bucket_shift;
+#if LP_AVX512
+    if (n % 16 == 0) { /* two gathers: the bucket's start (a byte; the table has 3 bytes of tail
+                          padding for the 4-byte gather) and the midpoint above it */
+        const __m512 s = _mm512_set1_ps(scale);
+        const __m512i byte = _mm512_set1_epi32(0xFF), one = _mm512_set1_epi32(1);
+        for (int i = 0; i < n; i += 16) {
+            __m512 v = _mm512_mul_ps(_mm512_loadu_ps(x + i), s);
+            __m512i key = _mm512_srli_epi32(_mm512_castps_si512(v), shift);
+            __m512i st = _mm512_and_si512(_mm512_i32gather_epi32(key, start, 1), byte);
+            __m512 mid = _mm512_i32gather_ps(st, mids, 4);
+            __m512i c = _mm512_mask_add_epi32(st, _mm512_cmp_ps_mask(v, mid, _CMP_GT_OQ), st, one);
+            _mm512_storeu_si512(out + i, _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask(v, v, _CMP_ORD_Q), c));
+        }
+        return;
+    }
+#endif
     for (int i = 0; i < n; i++) {
         float v = x[i] * scale;
         int32_t s = start[f2u(v) >> shift];

@@ -164,6 +164,7 @@ class _FormatArgs:
                         break
                 else:
                     raise ValueError(f"adamw_step_cpu: state format {sf.name}: midpoints too dense for a bucket table")
+                start = np.concatenate([start, np.zeros(3, dtype=np.uint8)])  # tail for the C kernel's 4-byte gather
                 self.arrays.append(start)
                 d.bucket_start, d.bucket_shift = start.ctypes.data, shift
             else:
