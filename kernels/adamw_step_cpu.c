@@ -12,19 +12,22 @@
  * IEEE instructions; -fno-math-errno only drops the errno branch), code-book encoding as the
  * count of midpoints below the value (what the reference's binary search computes), FP8
  * encoding by round-to-nearest-even on the float32 bits, bf16 by round-to-nearest-even and fp16
- * by the hardware conversion (also RNE). The loops are written so GCC/Clang vectorise them
- * (-O3 -march=native); nothing here depends on the vector width.
+ * by the compiler's conversion (also RNE). The portable loops are written so GCC/Clang vectorise
+ * them (-O3 -march=native, -fno-trapping-math); where AVX-512 is available the 4-bit maps (16
+ * entries: one register, a lookup is one permute) and the hot packed-4-bit block run as
+ * intrinsics instead, doing the very same operations. The tests hold both builds against the
+ * reference.
  *
  * Plain C with no PyTorch headers: it compiles in about a second with the system compiler and is
  * called through ctypes (kernels/cpu_library.py), which releases the GIL, so block ranges run in
- * parallel on Python threads.
+ * parallel on Python threads. Measured on one 4096x4096 fp32 parameter, 1 thread (AMD EPYC,
+ * AVX-512): 0.48 ns per element at 4-bit states, torch's fused fp32 AdamW 0.52.
  */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
-/* 16-entry tables are one register: a lookup is one permute (vpermps) instead of a gather. */
 #define LP_AVX512 1
 #else
 #define LP_AVX512 0
@@ -35,13 +38,14 @@
 enum {
     LP_KIND_CODEBOOK16 = 0, /* 16 codes: code = #{k : mids[k] < n}, 15 compares */
     LP_KIND_LINEAR16 = 1,   /* table[i] = (i + 1) / 16: code = clamp(ceil(16 n - 1.5), 0, 15) */
-    LP_KIND_CODEBOOK256 = 2, /* 256 codes: a bucket table on the float's top bits, then 1 compare */
+    LP_KIND_CODEBOOK256 = 2, /* 256 codes: a table of #midpoints below each bucket of floats (by
+                                their top bits), then 1 compare */
     LP_KIND_FP8 = 3,        /* code = FP8 bits of clamp(n * fmax), round to nearest even */
 };
 
 enum { LP_F32 = 0, LP_BF16 = 1, LP_F16 = 2 };
 
-/* One moment's storage format. Mirrors kernels/adamw_step_cpu.py's StateFormatC. */
+/* One moment's storage format. Mirrors kernels/adamw_step_cpu.py's _Format. */
 typedef struct {
     int32_t kind;
     int32_t packed;              /* two 4-bit codes per byte, half-block layout */

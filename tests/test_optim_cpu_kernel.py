@@ -183,3 +183,25 @@ def test_bad_arguments_are_named():
         K.adamw_blocks_cpu_(p, p.double(), mc, ma, vc, va, hp, mf, vf)
     with pytest.raises(ValueError, match="p must be a contiguous CPU tensor"):
         K.adamw_blocks_cpu_(torch.zeros(128, 2).t(), p, mc, ma, vc, va, hp, mf, vf)
+
+
+def test_optimizer_routes_cpu_tensors_through_one_c_call_per_kind(monkeypatch):
+    """A group's block-quantized tensors go to the C kernel in one call, its fp32-state tensors in
+    another, a tensor that is not a whole number of blocks in a call of its own on a padded copy;
+    LOWPREC_KERNELS=torch takes the PyTorch path."""
+    calls = []
+    for fn in ("adamw_tensors_cpu_", "adamw_fp32_tensors_cpu_"):
+        real = getattr(K, fn)
+        monkeypatch.setattr(K, fn, lambda *a, _real=real, _fn=fn, **k: (calls.append((_fn, len(a[0]))), _real(*a, **k)))
+    ps = [torch.zeros(64, 128, requires_grad=True), torch.zeros(32, 256, requires_grad=True),
+          torch.zeros(10, requires_grad=True), torch.zeros(3, 2000, requires_grad=True)]
+    opt = AdamW4bit(ps, lr=1e-3)
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert sorted(calls) == [("adamw_fp32_tensors_cpu_", 1), ("adamw_tensors_cpu_", 1), ("adamw_tensors_cpu_", 2)]
+    calls.clear()
+    monkeypatch.setenv("LOWPREC_KERNELS", "torch")
+    opt.step()
+    assert calls == []
+    assert all(float(opt.state[p]["step"]) == 2.0 for p in ps)
