@@ -96,6 +96,7 @@ def contenders() -> list[tuple[str, Callable[[list], torch.optim.Optimizer], int
         ("lowprec AdamW4bit", lambda ps: AdamW4bit(ps, lr=1e-3), 10),
         ("lowprec AdamW4bit torch.compile", lambda ps: _without_c_kernel(AdamW4bit(ps, lr=1e-3)), 5),
         ("lowprec AdamW4bit eager", lambda ps: AdamW4bit(ps, lr=1e-3, compile=False), 3),
+        ("lowprec AdamW4bit rank-1", lambda ps: AdamW4bit(ps, lr=1e-3, v_mode="rank1"), 10),
         ("lowprec AdamW4bit factored", lambda ps: AdamW4bit(ps, lr=1e-3, factor_second_moment=True), 5),
         ("lowprec AdamW8bit", lambda ps: AdamW8bit(ps, lr=1e-3), 5),
         ("lowprec AdamWFp8", lambda ps: AdamWFp8(ps, lr=1e-3), 5),

@@ -481,6 +481,140 @@ int lowprec_adamw_fp32_tensors(int32_t count, void *const *p, const void *const 
     return 0;
 }
 
+/* ---------------------------------------------------------------------------------------------
+ * Rank-1 normalised v (Li et al. 2023): the tensor is viewed as (rows, cols); element (i, j) of v
+ * is stored as the code of v_ij / min(row_i, col_j), row and col being the row and column maxima
+ * of v. m is block-quantized as above. The new maxima need the whole new v before any v code can
+ * be written, so the step takes two passes over blocks of B flattened elements:
+ *   pass 1: decode m and v (old normaliser), update m, v and p, write p and m's codes and absmax,
+ *           and fold the new v into per-thread row/col maxima (v's codes are left as they were);
+ *   pass 2: recompute the same new v from the old codes (same operations, same bits) and encode it
+ *           under the new normaliser.
+ * Oracle: lowprec.optim.functional.adamw_rank1_.
+ * ------------------------------------------------------------------------------------------- */
+
+/* The old normaliser min(row[i], col[j]) of flattened elements [k0, k0 + len), as `out`. */
+static void rank1_normaliser(const float *row, const float *col, int64_t cols, int64_t k0, int len, float *out) {
+    int64_t i = k0 / cols, j = k0 % cols;
+    int t = 0;
+    while (t < len) {
+        int seg = (int)(cols - j < len - t ? cols - j : len - t); /* the rest of row i */
+        const float r = row[i];
+        const float *c = col + j;
+        for (int u = 0; u < seg; u++) out[t + u] = r < c[u] ? r : c[u];
+        t += seg;
+        i++;
+        j = 0;
+    }
+}
+
+/* v's old values of one block: table[code] * min(row_i, col_j). Pads (beyond n) are 0. */
+static void rank1_decode_v(const lp_format *vf, const uint8_t *vcb, const float *row, const float *col, int64_t cols,
+                           int64_t k0, int len, int B, float *v) {
+    float norm[LP_MAX_BLOCK];
+    decode_block(vf, vcb, 1.0f, v, B); /* table[code] * 1.0f is exact */
+    rank1_normaliser(row, col, cols, k0, len, norm);
+    for (int t = 0; t < len; t++) v[t] = v[t] * norm[t];
+    for (int t = len; t < B; t++) v[t] = 0.0f;
+}
+
+static inline float f32_load(const void *x, int32_t dtype, int64_t k) {
+    if (dtype == LP_F32) return ((const float *)x)[k];
+    if (dtype == LP_BF16) return bf16_to_f32(((const uint16_t *)x)[k]);
+#if LP_HAS_F16
+    return (float)((const _Float16 *)x)[k];
+#else
+    return 0.0f;
+#endif
+}
+
+/* Pass 1 over blocks [b0, b1) of a tensor of n elements viewed as (rows, cols). row_new/col_new:
+ * this thread's running maxima of |new v| as float32 bit patterns (zeroed by the caller; on
+ * non-negative floats the order of the bits is the order of the values, and an integer max
+ * vectorises). */
+int lowprec_adamw_rank1_pass1(void *p, const void *g, int32_t dtype, uint8_t *mc, float *ma, const uint8_t *vc,
+                              const float *row, const float *col, uint32_t *row_new, uint32_t *col_new, const float *hp,
+                              int64_t b0, int64_t b1, int64_t n, int64_t cols, int32_t B, const lp_format *mf,
+                              const lp_format *vf, int32_t maximize) {
+    if (B <= 0 || B > LP_MAX_BLOCK || B % 32 != 0 || cols <= 0) return -1;
+    if (dtype != LP_F32 && dtype != LP_BF16 && !(dtype == LP_F16 && LP_HAS_F16)) return -1;
+    const int64_t mstride = mf->packed ? B / 2 : B, vstride = vf->packed ? B / 2 : B;
+    float m[LP_MAX_BLOCK], v[LP_MAX_BLOCK], pb[LP_MAX_BLOCK], gb[LP_MAX_BLOCK];
+    for (int64_t b = b0; b < b1; b++) {
+        const int64_t k0 = b * B;
+        const int len = (int)(n - k0 < B ? n - k0 : B);
+        uint8_t *mcb = mc + b * mstride;
+        decode_block(mf, mcb, ma[b], m, B);
+        rank1_decode_v(vf, vc + b * vstride, row, col, cols, k0, len, B, v);
+        if (len == B && dtype == LP_F32) {
+            update_f32((float *)p + k0, (const float *)g + k0, m, v, hp, maximize, B);
+        } else if (len == B && dtype == LP_BF16) {
+            update_bf16((uint16_t *)p + k0, (const uint16_t *)g + k0, m, v, hp, maximize, B);
+        } else { /* a partial last block or fp16: through float32 copies, pads with g = 0 */
+            for (int t = 0; t < B; t++) {
+                pb[t] = t < len ? f32_load(p, dtype, k0 + t) : 0.0f;
+                gb[t] = t < len ? f32_load(g, dtype, k0 + t) : 0.0f;
+            }
+            update_f32(pb, gb, m, v, hp, maximize, B);
+            for (int t = 0; t < len; t++) {
+                if (dtype == LP_F32) ((float *)p)[k0 + t] = pb[t];
+                else if (dtype == LP_BF16) ((uint16_t *)p)[k0 + t] = f32_to_bf16(pb[t]);
+#if LP_HAS_F16
+                else ((_Float16 *)p)[k0 + t] = (_Float16)pb[t];
+#endif
+            }
+        }
+        const float m_absmax = block_absmax(m, B);
+        encode_block(mf, m, m_absmax > 0.0f ? 1.0f / m_absmax : 0.0f, mcb, B);
+        ma[b] = m_absmax;
+        /* fold |v| (v >= 0) into the row/column maxima, a row segment at a time */
+        int64_t i = k0 / cols, j = k0 % cols;
+        int t = 0;
+        while (t < len) {
+            int seg = (int)(cols - j < len - t ? cols - j : len - t);
+            uint32_t r = row_new[i];
+            uint32_t *c = col_new + j;
+            for (int u = 0; u < seg; u++) {
+                uint32_t a = f2u(v[t + u]) & 0x7FFFFFFFu;
+                r = a > r ? a : r;
+                c[u] = a > c[u] ? a : c[u];
+            }
+            row_new[i] = r;
+            t += seg;
+            i++;
+            j = 0;
+        }
+    }
+    return 0;
+}
+
+/* Pass 2 over blocks [b0, b1): v's codes under the new maxima (row_new/col_new, flushed). */
+int lowprec_adamw_rank1_pass2(const void *g, int32_t dtype, uint8_t *vc, const float *row, const float *col,
+                              const float *row_new, const float *col_new, const float *hp, int64_t b0, int64_t b1,
+                              int64_t n, int64_t cols, int32_t B, const lp_format *vf) {
+    if (B <= 0 || B > LP_MAX_BLOCK || B % 32 != 0 || cols <= 0) return -1;
+    const int64_t vstride = vf->packed ? B / 2 : B;
+    const float b2 = hp[HP_BETA2], omb2 = hp[HP_1M_BETA2];
+    float v[LP_MAX_BLOCK], norm[LP_MAX_BLOCK];
+    for (int64_t b = b0; b < b1; b++) {
+        const int64_t k0 = b * B;
+        const int len = (int)(n - k0 < B ? n - k0 : B);
+        uint8_t *vcb = vc + b * vstride;
+        rank1_decode_v(vf, vcb, row, col, cols, k0, len, B, v);
+        for (int t = 0; t < len; t++) { /* (-g)^2 = g^2: maximize does not matter here */
+            float gi = f32_load(g, dtype, k0 + t);
+            v[t] = v[t] * b2 + (gi * gi) * omb2;
+        }
+        rank1_normaliser(row_new, col_new, cols, k0, len, norm);
+        for (int t = 0; t < len; t++) { /* v * safe_reciprocal(min(row, col)); v >= 0 so |v| = v */
+            float r = norm[t] > 0.0f ? 1.0f / norm[t] : 0.0f;
+            v[t] = fabsf(v[t]) * r;
+        }
+        encode_block(vf, v, 1.0f, vcb, B); /* pads are 0 from rank1_decode_v */
+    }
+    return 0;
+}
+
 /* Add 1 to each of count float32 scalars (the optimizer's per-tensor step counters, advanced in
  * one call once the step has run: torch's _foreach_add_ on 0-dim tensors costs ~1.3 us each). */
 void lowprec_increment(int32_t count, float *const *x) {

@@ -63,6 +63,19 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int32,
     ]
+    lib.lowprec_adamw_rank1_pass1.restype = ctypes.c_int
+    lib.lowprec_adamw_rank1_pass1.argtypes = [
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+        ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int32,
+        ctypes.POINTER(_Format), ctypes.POINTER(_Format), ctypes.c_int32,
+    ]
+    lib.lowprec_adamw_rank1_pass2.restype = ctypes.c_int
+    lib.lowprec_adamw_rank1_pass2.argtypes = [
+        ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+        ctypes.c_int32, ctypes.POINTER(_Format),
+    ]
     lib.lowprec_increment.restype = None
     lib.lowprec_increment.argtypes = [ctypes.c_int32, ctypes.c_void_p]
     lib.lowprec_encode.restype = None
@@ -316,6 +329,72 @@ def adamw_fp32_tensors_cpu_(params: list[torch.Tensor], grads: list[torch.Tensor
     _run_split(lib.lowprec_adamw_fp32_tensors, head, total, (int(bool(maximize)),), total, threads)
 
 
+def adamw_rank1_cpu_(p: torch.Tensor, g: torch.Tensor, m_codes: torch.Tensor, m_absmax: torch.Tensor,
+                     v_codes: torch.Tensor, v_row: torch.Tensor, v_col: torch.Tensor, hp: torch.Tensor, m_fmt: Any,
+                     v_fmt: Any, maximize: bool = False, threads: int | None = None) -> None:
+    """``lowprec.optim.functional.adamw_rank1_`` in C, in place: block-quantized m and rank-1
+    normalised v, ``p`` viewed as (first dim, rest). Two passes over the blocks (the new row and
+    column maxima of v are needed before any v code is written); each pass is split over
+    ``threads``, pass 1 folding into per-thread maxima that are then reduced."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("adamw_step_cpu: the C library is not available")
+    if not supports(p, m_fmt, v_fmt) or p.dim() < 2:
+        raise ValueError(f"adamw_step_cpu: unsupported rank-1 step (dtype {p.dtype}, device {p.device}, "
+                         f"shape {tuple(p.shape)}, block sizes {m_fmt.block_size}/{v_fmt.block_size})")
+    if g.shape != p.shape or g.dtype != p.dtype:
+        raise ValueError(f"adamw_step_cpu: g must match p; got {g.dtype} {tuple(g.shape)} for {p.dtype} {tuple(p.shape)}")
+    bs = m_fmt.block_size
+    n = p.numel()
+    rows, cols = int(p.shape[0]), n // max(int(p.shape[0]), 1)
+    nb = -(-n // bs)
+    _check("p", p)
+    _check("g", g)
+    _check("m_codes", m_codes, (nb, bs // 2 if m_fmt.packed else bs), torch.uint8)
+    _check("v_codes", v_codes, (nb, bs // 2 if v_fmt.packed else bs), torch.uint8)
+    _check("m_absmax", m_absmax, (nb,), torch.float32)
+    _check("v_row", v_row, (rows,), torch.float32)
+    _check("v_col", v_col, (cols,), torch.float32)
+    if n == 0:
+        return
+    hp32 = _as_float32_cpu([hp])[0]
+    mf, vf = _format_args(m_fmt), _format_args(v_fmt)
+    workers = max(1, threads if threads is not None else torch.get_num_threads())
+    workers = min(workers, max(1, n // PARALLEL_MIN_ELEMENTS))
+    row_part = torch.zeros(workers, rows, dtype=torch.int32)  # float32 bits of the maxima (see the C source)
+    col_part = torch.zeros(workers, cols, dtype=torch.int32)
+    edges = [nb * i // workers for i in range(workers + 1)]
+    dtype = DTYPES[p.dtype]
+
+    def pass1(w: int) -> int:
+        return lib.lowprec_adamw_rank1_pass1(
+            p.data_ptr(), g.data_ptr(), dtype, m_codes.data_ptr(), m_absmax.data_ptr(), v_codes.data_ptr(),
+            v_row.data_ptr(), v_col.data_ptr(), row_part[w].data_ptr(), col_part[w].data_ptr(), hp32.data_ptr(),
+            edges[w], edges[w + 1], n, cols, bs, mf.ref, vf.ref, int(bool(maximize)))
+
+    def run(fn: Any) -> None:
+        results = [fn(0)] if workers == 1 else [f.result() for f in [_pool(workers).submit(fn, w)
+                                                                      for w in range(workers)]]
+        if any(results):
+            raise RuntimeError("adamw_step_cpu: the C kernel rejected the rank-1 step")
+
+    run(pass1)
+    tiny = torch.finfo(torch.float32).tiny
+    row_new = row_part.view(torch.float32).amax(0)
+    col_new = col_part.view(torch.float32).amax(0)
+    row_new = torch.where(row_new >= tiny, row_new, torch.zeros_like(row_new))  # flush_tiny
+    col_new = torch.where(col_new >= tiny, col_new, torch.zeros_like(col_new))
+
+    def pass2(w: int) -> int:
+        return lib.lowprec_adamw_rank1_pass2(
+            g.data_ptr(), dtype, v_codes.data_ptr(), v_row.data_ptr(), v_col.data_ptr(), row_new.data_ptr(),
+            col_new.data_ptr(), hp32.data_ptr(), edges[w], edges[w + 1], n, cols, bs, vf.ref)
+
+    run(pass2)
+    v_row.copy_(row_new)
+    v_col.copy_(col_new)
+
+
 def adamw_blocks_cpu_(p: torch.Tensor, g: torch.Tensor, m_codes: torch.Tensor, m_absmax: torch.Tensor,
                       v_codes: torch.Tensor, v_absmax: torch.Tensor, hp: torch.Tensor, m_fmt: Any, v_fmt: Any,
                       maximize: bool = False, threads: int | None = None) -> None:
@@ -324,4 +403,4 @@ def adamw_blocks_cpu_(p: torch.Tensor, g: torch.Tensor, m_codes: torch.Tensor, m
     adamw_tensors_cpu_([p], [g], [m_codes], [m_absmax], [v_codes], [v_absmax], [hp], m_fmt, v_fmt, maximize, threads)
 
 
-__all__ = ["available", "supports", "supports_dtype", "supported_dtypes", "supports_formats", "adamw_blocks_cpu_", "adamw_tensors_cpu_", "adamw_fp32_tensors_cpu_", "increment_", "encode", "bucket_table"]
+__all__ = ["available", "supports", "supports_dtype", "supported_dtypes", "supports_formats", "adamw_blocks_cpu_", "adamw_tensors_cpu_", "adamw_fp32_tensors_cpu_", "adamw_rank1_cpu_", "increment_", "encode", "bucket_table"]

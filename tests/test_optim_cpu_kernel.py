@@ -127,8 +127,9 @@ def test_threads_split_blocks_without_changing_bits(threads, monkeypatch):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("cls", [AdamW4bit, AdamW8bit, AdamWFp8])
-def test_optimizer_with_c_kernel_equals_eager_optimizer(cls):
+@pytest.mark.parametrize("cls,kw", [(AdamW4bit, {}), (AdamW4bit, {"v_mode": "rank1"}), (AdamW8bit, {}),
+                                    (AdamWFp8, {})], ids=["4bit", "4bit-rank1", "8bit", "fp8"])
+def test_optimizer_with_c_kernel_equals_eager_optimizer(cls, kw):
     """Whole optimizer: the default (C kernel) and compile=False (eager reference) give the same
     weights and state_dict after 5 steps, with a padded (non-multiple-of-block) tensor, a bf16
     parameter and an fp32-state one."""
@@ -138,8 +139,8 @@ def test_optimizer_with_c_kernel_equals_eager_optimizer(cls):
     ps = [[torch.randn(s).to(d).requires_grad_() for s, d in zip(shapes, dtypes)] for _ in range(2)]
     for a, b in zip(*ps):
         b.data.copy_(a.data)
-    fast = cls(ps[0], lr=1e-2, weight_decay=0.1)
-    eager = cls(ps[1], lr=1e-2, weight_decay=0.1, compile=False)
+    fast = cls(ps[0], lr=1e-2, weight_decay=0.1, **kw)
+    eager = cls(ps[1], lr=1e-2, weight_decay=0.1, compile=False, **kw)
     for _ in range(5):
         for a, b in zip(*ps):
             grad = torch.randn(a.shape).to(a.dtype)
@@ -205,3 +206,28 @@ def test_optimizer_routes_cpu_tensors_through_one_c_call_per_kind(monkeypatch):
     opt.step()
     assert calls == []
     assert all(float(opt.state[p]["step"]) == 2.0 for p in ps)
+
+
+@pytest.mark.parametrize("mf,vf", PAIRS, ids=lambda f: f.name)
+@pytest.mark.parametrize("shape", [(64, 96), (3, 2000), (300, 7)], ids=str)
+def test_rank1_step_equals_reference(mf, vf, shape, build, monkeypatch):
+    """Rank-1 normalised v (two passes, per-thread row/column maxima): parameter, m's codes and
+    absmax, v's codes and row/column maxima bit-equal to ``adamw_rank1_`` after every step, for
+    rows shorter and longer than a block, a padded last block, fp32/bf16/fp16 and 1 or 3 threads."""
+    monkeypatch.setattr(K, "PARALLEL_MIN_ELEMENTS", 64)
+    n = shape[0] * shape[1]
+    for dtype, threads in ((torch.float32, 1), (torch.bfloat16, 3), (torch.float16, 3)):
+        torch.manual_seed(n)
+        p = torch.randn(shape).to(dtype)
+        mc, ma = zero_state(n, mf)
+        vc, _ = zero_state(n, vf)
+        states = [mc, ma, vc, torch.zeros(shape[0]), torch.zeros(shape[1])]
+        ref = [p.clone(), *(t.clone() for t in states)]
+        fast = [p.clone(), *(t.clone() for t in states)]
+        for step in range(1, 4):
+            g = (torch.randn(shape) * 1e-2).to(dtype)
+            hp = F.hyperparams(1e-2, 0.9, 0.999, 1e-8, 0.01, step)
+            F.adamw_rank1_(ref[0], g, *ref[1:], hp, mf, vf, bool(step % 2))
+            K.adamw_rank1_cpu_(fast[0], g, *fast[1:], hp, mf, vf, bool(step % 2), threads=threads)
+            for name, a, b in zip(("p", "m_codes", "m_absmax", "v_codes", "v_row", "v_col"), ref, fast):
+                assert torch.equal(a, b), (name, dtype, step)

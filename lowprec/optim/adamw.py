@@ -379,8 +379,13 @@ class QuantizedAdamW(Optimizer):
         if "exp_avg_sq_absmax" in state:
             self._step_blocks(pl, g, mc, ma, state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"], hp, maximize)
         elif "exp_avg_sq_codes" in state:
-            F.adamw_rank1_(pl, g, mc, ma, state["exp_avg_sq_codes"], state["exp_avg_sq_row"],
-                           state["exp_avg_sq_col"], hp, mf, vf, maximize)
+            args = (pl, g, mc, ma, state["exp_avg_sq_codes"], state["exp_avg_sq_row"], state["exp_avg_sq_col"], hp,
+                    mf, vf, maximize)
+            if (self.compile and forced_backend() is None and pl.is_contiguous() and g.is_contiguous()
+                    and g.dtype == pl.dtype and adamw_step_cpu.supports(pl, mf, vf)):
+                adamw_step_cpu.adamw_rank1_cpu_(*args)
+            else:
+                F.adamw_rank1_(*args)
         else:
             F.adamw_factored_(pl, g, mc, ma, state["exp_avg_sq_row"], state["exp_avg_sq_col"], hp, mf, maximize)
 
