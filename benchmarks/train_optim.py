@@ -18,6 +18,9 @@ this model (300 x 16, wd 0.1, betas (0.9, 0.95)); measured final validation loss
     2e-3      1.8984   1.8456      -2.8%
     4e-3      2.0545   1.9819      -3.5%
 
+Seeds 0 / 1 / 2 at lr 5e-4 (``--seed``): AdamW 1.8038 / 1.8126 / 1.8260, AdamW4bit 1.8053 /
+1.8274 / 1.8303 (+0.08% / +0.82% / +0.24%), AdamW4bit-rank1 1.7996 / 1.8244 / 1.8017.
+
 4-bit states behave like a somewhat smaller learning rate: at AdamW's own best learning rate the
 two agree, away from it the 4-bit run is the one nearer the optimum. The ablations (lr 1e-3) put
 this on the first moment: 4-bit m with 8-bit v (``ablation-m4-v8``) 1.7945, near AdamW4bit's
