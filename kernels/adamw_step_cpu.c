@@ -58,6 +58,9 @@ typedef struct {
     float fp8_max;               /* FP8: largest finite value */
     float fp8_minnorm;           /* FP8: smallest normal value */
     float fp8_subscale;          /* FP8: 1 / smallest subnormal (a power of two) */
+    float fp8_inv_max;           /* FP8: float32(1 / max), the table's scale (table[c] = value(c) * it) */
+    int32_t fp8_special_mask;    /* FP8: codes c with (c & mask) == value are Inf/NaN: decoded by the */
+    int32_t fp8_special_value;   /*      table; the others by arithmetic. mask 0: always the table */
 } lp_format;
 
 /* Hyperparameter vector (lowprec.optim.functional.hyperparams). */
@@ -199,11 +202,34 @@ static inline float lookup16(const float *t, uint32_t c) {
     return (c & 8) ? d1 : d0;
 }
 
+/* FP8 codes to values without the table's gather: sign, exponent and mantissa fields placed in
+ * a float32 (normal) or the mantissa times the smallest subnormal (exact), times the table's
+ * scale. Returns 0 (nothing written) when a code is Inf/NaN, whose table entries differ. */
+static int decode_fp8_arith(const lp_format *f, const uint8_t *restrict codes, float absmax, float *restrict out,
+                            int B) {
+    const uint32_t smask = (uint32_t)f->fp8_special_mask, sval = (uint32_t)f->fp8_special_value;
+    if (smask == 0) return 0;
+    uint32_t special = 0;
+    for (int j = 0; j < B; j++) special |= (uint32_t)((codes[j] & smask) == sval);
+    if (special) return 0;
+    const int mb = f->fp8_mbits;
+    const uint32_t emask = (1u << (7 - mb)) - 1u, mmask = (1u << mb) - 1u, rebias = (uint32_t)(127 - f->fp8_bias);
+    const float unit = 1.0f / f->fp8_subscale, inv = f->fp8_inv_max;
+    for (int j = 0; j < B; j++) {
+        const uint32_t c = codes[j], e = (c >> mb) & emask, m = c & mmask, sign = (c >> 7) << 31;
+        float normal = u2f(sign | ((e + rebias) << 23) | (m << (23 - mb)));
+        float sub = u2f(f2u((float)m * unit) | sign);
+        out[j] = (e ? normal : sub) * inv * absmax;
+    }
+    return 1;
+}
+
 /* Values of one block: table[code] * absmax. */
 static void decode_block(const lp_format *f, const uint8_t *restrict codes, float absmax, float *restrict out,
                          int B) {
     const float *table = f->table;
     if (!f->packed) {
+        if (f->kind == LP_KIND_FP8 && decode_fp8_arith(f, codes, absmax, out, B)) return;
         for (int j = 0; j < B; j++) out[j] = table[codes[j]] * absmax;
         return;
     }

@@ -40,6 +40,7 @@ class _Format(ctypes.Structure):
         ("table", ctypes.c_void_p), ("mids", ctypes.c_void_p), ("bucket_start", ctypes.c_void_p),
         ("bucket_shift", ctypes.c_int32), ("fp8_mbits", ctypes.c_int32), ("fp8_bias", ctypes.c_int32),
         ("fp8_max", ctypes.c_float), ("fp8_minnorm", ctypes.c_float), ("fp8_subscale", ctypes.c_float),
+        ("fp8_inv_max", ctypes.c_float), ("fp8_special_mask", ctypes.c_int32), ("fp8_special_value", ctypes.c_int32),
     ]
 
 
@@ -148,6 +149,23 @@ def bucket_table(mids: np.ndarray, shift: int) -> np.ndarray | None:
     return np.where(all_nan, 0, start).astype(np.uint8)
 
 
+def fp8_special_codes(table: np.ndarray, mbits: int, bias: int, inv_max: float) -> tuple[int, int]:
+    """``(mask, value)`` such that the FP8 codes ``c`` with ``c & mask == value`` are exactly those
+    whose table entry the C kernel's arithmetic decode would not reproduce (Inf/NaN); ``(0, 0)``
+    (always use the table) when no such rule fits."""
+    c = np.arange(256, dtype=np.uint32)
+    e, m, sign = (c >> mbits) & ((1 << (7 - mbits)) - 1), c & ((1 << mbits) - 1), (c >> 7) << 31
+    with np.errstate(over="ignore", invalid="ignore"):
+        normal = (sign | ((e + 127 - bias) << 23) | (m << (23 - mbits))).view(np.float32)
+        sub = ((m.astype(np.float32) * np.float32(2.0 ** (1 - bias - mbits))).view(np.uint32) | sign).view(np.float32)
+        arith = np.where(e > 0, normal, sub) * np.float32(inv_max)
+    differs = arith.view(np.uint32) != table.astype(np.float32).view(np.uint32)
+    for mask in (0x7F, 0x7C, 0x78):
+        if np.array_equal(differs, (c & mask) == mask):
+            return mask, mask
+    return 0, 0
+
+
 class _FormatArgs:
     """The C descriptor of one state format, with the arrays it points to kept alive."""
 
@@ -159,6 +177,9 @@ class _FormatArgs:
             fp = _fp8_params(sf.fmt)
             d.kind, d.fp8_mbits, d.fp8_bias = KIND_FP8, fp["MBITS"], fp["BIAS"]
             d.fp8_max, d.fp8_minnorm, d.fp8_subscale = fp["FMAX"], fp["MINNORM"], fp["SUBSCALE"]
+            d.fp8_inv_max = float(np.float32(1.0 / sf.fmt.max))
+            d.fp8_special_mask, d.fp8_special_value = fp8_special_codes(table, fp["MBITS"], fp["BIAS"],
+                                                                        d.fp8_inv_max)
         else:
             mids = np.array(sf.midpoint_values, dtype=np.float32)
             ncodes = len(sf.table_values)

@@ -231,3 +231,26 @@ def test_rank1_step_equals_reference(mf, vf, shape, build, monkeypatch):
             K.adamw_rank1_cpu_(fast[0], g, *fast[1:], hp, mf, vf, bool(step % 2), threads=threads)
             for name, a, b in zip(("p", "m_codes", "m_absmax", "v_codes", "v_row", "v_col"), ref, fast):
                 assert torch.equal(a, b), (name, dtype, step)
+
+
+def test_fp8_special_codes_decode_through_the_table(build):
+    """FP8 states are decoded arithmetically except in blocks holding an Inf/NaN code, whose table
+    entries (NaN -> 0, Inf -> the largest float) the arithmetic would not give: such a block still
+    matches the reference bit for bit."""
+    mf, vf = M_E4M3_B256, V_E5M2_B256
+    n = 4 * 256
+    p = torch.randn(4, 256)
+    states = [*zero_state(n, mf), *zero_state(n, vf)]
+    g = torch.randn(4, 256) * 1e-2
+    hp = F.hyperparams(1e-2, 0.9, 0.999, 1e-8, 0.01, 1)
+    F.adamw_blocks_(p, g, *states, hp, mf, vf)  # realistic codes and absmax
+    states[0][1, :3] = torch.tensor([0x7F, 0xFF, 0x7E], dtype=torch.uint8)  # E4M3: NaN, -NaN, 448
+    states[2][2, :3] = torch.tensor([0x7C, 0x7D, 0x7F], dtype=torch.uint8)  # E5M2: +Inf, NaN, NaN (-Inf would
+    # make v negative and p NaN, which torch.equal cannot compare)
+    ref = [p.clone(), *(t.clone() for t in states)]
+    fast = [p.clone(), *(t.clone() for t in states)]
+    hp = F.hyperparams(1e-2, 0.9, 0.999, 1e-8, 0.01, 2)
+    F.adamw_blocks_(ref[0], g, *ref[1:], hp, mf, vf)
+    K.adamw_blocks_cpu_(fast[0], g, *fast[1:], hp, mf, vf)
+    for a, b in zip(ref, fast):
+        assert torch.equal(a, b)
