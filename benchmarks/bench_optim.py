@@ -143,7 +143,8 @@ def bench_case(case: str, quick: bool, only: set[str] | None = None) -> list[dic
         try:
             opt.step()  # first step: state creation (and compilation)
             first_s = time.perf_counter() - t0
-            timing = time_fn(opt.step, warmup=1, repeat=max(2, reps // 2 if quick else reps))
+            timing = time_fn(opt.step, warmup=2, repeat=max(2, reps // 2 if quick else reps),
+                             min_time_s=0.2 if quick else 1.0)  # short steps: enough samples for a stable median
         except Exception as e:
             print(f"{case}: {name} failed: {type(e).__name__}: {e}")
             rows.append(dict(case=case, optimizer=name, error=f"{type(e).__name__}: {e}"))

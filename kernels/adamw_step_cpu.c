@@ -641,6 +641,31 @@ int lowprec_adamw_rank1_pass2(const void *g, int32_t dtype, uint8_t *vc, const f
     return 0;
 }
 
+/* 1 when every element of elements [e0, e1) (numbered across the tensors in order) is finite, else
+ * 0: an exponent field of all ones is Inf or NaN in float32, bf16 and fp16 alike. One read of
+ * the data and one call for a whole param group (a float sum per tensor, the other way to find a
+ * NaN, costs a dispatch per tensor). */
+int32_t lowprec_all_finite(int32_t count, const void *const *x, const int32_t *dtype, const int64_t *numel,
+                           int64_t e0, int64_t e1) {
+    int64_t base = 0;
+    for (int32_t t = 0; t < count && base < e1; t++) {
+        const int64_t lo = (e0 > base ? e0 : base) - base;
+        const int64_t hi = (e1 < base + numel[t] ? e1 : base + numel[t]) - base;
+        base += numel[t];
+        uint32_t bad = 0;
+        if (dtype[t] == LP_F32) {
+            const uint32_t *u = (const uint32_t *)x[t];
+            for (int64_t i = lo; i < hi; i++) bad |= (u[i] & 0x7F800000u) == 0x7F800000u;
+        } else {
+            const uint16_t *h = (const uint16_t *)x[t];
+            const uint16_t e = dtype[t] == LP_BF16 ? 0x7F80u : 0x7C00u;
+            for (int64_t i = lo; i < hi; i++) bad |= (uint32_t)((h[i] & e) == e);
+        }
+        if (bad) return 0;
+    }
+    return 1;
+}
+
 /* Add 1 to each of count float32 scalars (the optimizer's per-tensor step counters, advanced in
  * one call once the step has run: torch's _foreach_add_ on 0-dim tensors costs ~1.3 us each). */
 void lowprec_increment(int32_t count, float *const *x) {

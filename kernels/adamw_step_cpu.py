@@ -77,6 +77,9 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
         ctypes.c_int32, ctypes.POINTER(_Format),
     ]
+    lib.lowprec_all_finite.restype = ctypes.c_int32
+    lib.lowprec_all_finite.argtypes = [ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                       ctypes.c_int64, ctypes.c_int64]
     lib.lowprec_increment.restype = None
     lib.lowprec_increment.argtypes = [ctypes.c_int32, ctypes.c_void_p]
     lib.lowprec_encode.restype = None
@@ -295,6 +298,28 @@ def _run_split(fn: Any, head: tuple, total: int, tail: tuple, elements: int, thr
         raise RuntimeError(f"adamw_step_cpu: the C kernel rejected the call ({fn.__name__})")
 
 
+def all_finite(tensors: list[torch.Tensor], threads: int | None = None) -> bool | None:
+    """True when every element of every tensor is finite, False when one is Inf or NaN; ``None``
+    when the C kernel cannot tell (off, or a tensor that is not a contiguous CPU tensor of a
+    supported dtype): the caller then checks another way. One C call for the whole list."""
+    dtypes = supported_dtypes()
+    if not tensors or not all(t.dtype in dtypes and t.is_cpu and t.is_contiguous() for t in tensors):
+        return None
+    lib = _library()
+    numel = [t.numel() for t in tensors]
+    total = sum(numel)
+    count = len(tensors)
+    head = (count, _pointers(tensors), (ctypes.c_int32 * count)(*[DTYPES[t.dtype] for t in tensors]),
+            (ctypes.c_int64 * count)(*numel))
+    workers = max(1, threads if threads is not None else torch.get_num_threads())
+    workers = min(workers, max(1, total // PARALLEL_MIN_ELEMENTS))
+    if workers == 1:
+        return bool(lib.lowprec_all_finite(*head, 0, total))
+    edges = [total * i // workers for i in range(workers + 1)]
+    return all(f.result() for f in [_pool(workers).submit(lib.lowprec_all_finite, *head, a, b)
+                                    for a, b in zip(edges[:-1], edges[1:])])
+
+
 def increment_(counters: list[torch.Tensor]) -> None:
     """Add 1 to float32 scalar CPU tensors in place (one C call: the optimizer's step counters)."""
     lib = _library()
@@ -424,4 +449,4 @@ def adamw_blocks_cpu_(p: torch.Tensor, g: torch.Tensor, m_codes: torch.Tensor, m
     adamw_tensors_cpu_([p], [g], [m_codes], [m_absmax], [v_codes], [v_absmax], [hp], m_fmt, v_fmt, maximize, threads)
 
 
-__all__ = ["available", "supports", "supports_dtype", "supported_dtypes", "supports_formats", "adamw_blocks_cpu_", "adamw_tensors_cpu_", "adamw_fp32_tensors_cpu_", "adamw_rank1_cpu_", "increment_", "encode", "bucket_table"]
+__all__ = ["available", "supports", "supports_dtype", "supported_dtypes", "supports_formats", "adamw_blocks_cpu_", "adamw_tensors_cpu_", "adamw_fp32_tensors_cpu_", "all_finite", "adamw_rank1_cpu_", "increment_", "encode", "bucket_table"]

@@ -248,6 +248,9 @@ class QuantizedAdamW(Optimizer):
         sum) at the cost of one read; only a non-finite sum (or an overflow) is checked element-wise."""
         if not grads:
             return True
+        fast = adamw_step_cpu.all_finite(grads)  # CPU tensors: one C call for the group
+        if fast is not None:
+            return fast
         sums = torch.stack([g.sum(dtype=torch.float32).to(grads[0].device) for g in grads])
         if bool(torch.isfinite(sums).all()):
             return True
@@ -319,9 +322,8 @@ class QuantizedAdamW(Optimizer):
         pl = _local(p)
         n = pl.numel()
         step = state["step"]
-        if not (n > 0 and pl.dtype in dtypes and g.dtype == pl.dtype and pl.device.type == "cpu"
-                and g.device.type == "cpu" and pl.is_contiguous() and g.is_contiguous()
-                and step.dtype == torch.float32 and step.device.type == "cpu"):
+        if not (n > 0 and pl.dtype in dtypes and g.dtype == pl.dtype and pl.is_cpu and g.is_cpu
+                and pl.is_contiguous() and g.is_contiguous() and step.dtype == torch.float32 and step.is_cpu):
             return None
         if "exp_avg" in state:
             return "fp32"
