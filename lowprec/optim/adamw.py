@@ -468,7 +468,7 @@ class AdamW4bit(QuantizedAdamW):
     1.7996 / 1.8244 / 1.8017, torch AdamW 1.8038 / 1.8126 / 1.8260. Rank-1 is lower in all three
     pairs (by 0.3%, 0.2%, 1.6%), and both are within 1% of AdamW on average (+0.4% block, -0.3%
     rank-1). Block stays the default: rank-1 needs the whole new v before any code is written, so
-    its step is two passes (CPU: 23.6 ms on a 4096x4096 parameter against block's 9.8 and torch
+    its step is two passes (CPU: 23.9 ms on a 4096x4096 parameter against block's 9.9 and torch
     fused's 8.2) and it has no Triton kernel, where block is one fused pass on both devices.
 
     With ``factor_second_moment=True`` 2-D+ tensors keep an Adafactor-factored float32 v instead."""
