@@ -1,11 +1,18 @@
-"""The fused AdamW step on block-quantized moments for the CPU: a hand-written C loop.
+"""The fused AdamW step on quantized moments for the CPU: hand-written C loops.
 
-One pass per block (``kernels/adamw_step_cpu.c``): decode, update m, v and the parameter in
+``kernels/adamw_step_cpu.c`` does one pass per block: decode, update m, v and the parameter in
 float32, take the new absmax, requantize, with the block's working set in L1. Same contract and
-oracle as the Triton kernel (:mod:`lowprec.kernels.adamw_step`): arguments as
-``lowprec.optim.functional.adamw_blocks_``, and the result equal to it bit for bit (tests).
+oracle as the Triton kernel (:mod:`lowprec.kernels.adamw_step`): each entry point equals its
+``lowprec.optim.functional`` reference bit for bit (tests):
 
-Formats are duck-typed ``lowprec.optim`` StateFormats (no upward import). Blocks are split into
+* :func:`adamw_tensors_cpu_` / :func:`adamw_blocks_cpu_`: block-quantized m and v
+  (``adamw_blocks_``), for a whole param group in one call or one tensor;
+* :func:`adamw_fp32_tensors_cpu_`: float32 states (``adamw_fp32_``);
+* :func:`adamw_rank1_cpu_`: rank-1 normalised v, two passes (``adamw_rank1_``);
+* :func:`all_finite` and :func:`increment_`: the optimizer's finite-gradient check and step
+  counters, one call per group.
+
+Formats are duck-typed ``lowprec.optim`` StateFormats (no upward import). Work is split into
 contiguous ranges run on ``torch.get_num_threads()`` Python threads (ctypes releases the GIL).
 :func:`available` says whether the library could be built here; callers fall back to their
 PyTorch path when it is not.
@@ -47,12 +54,6 @@ class _Format(ctypes.Structure):
 def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     """Declare the C functions' signatures on a loaded library (also used by tests that build
     the portable variant)."""
-    lib.lowprec_adamw_blocks.restype = ctypes.c_int
-    lib.lowprec_adamw_blocks.argtypes = [
-        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int32,
-        ctypes.POINTER(_Format), ctypes.POINTER(_Format), ctypes.c_int32,
-    ]
     lib.lowprec_adamw_tensors.restype = ctypes.c_int
     lib.lowprec_adamw_tensors.argtypes = [
         ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
@@ -284,18 +285,21 @@ def adamw_tensors_cpu_(params: list[torch.Tensor], grads: list[torch.Tensor], m_
     _run_split(lib.lowprec_adamw_tensors, args, total, tail, total * bs, threads)
 
 
-def _run_split(fn: Any, head: tuple, total: int, tail: tuple, elements: int, threads: int | None) -> None:
-    """``fn(*head, start, end, *tail)`` over ``[0, total)``, split evenly over the threads."""
+def _split(fn: Any, head: tuple, total: int, tail: tuple, elements: int, threads: int | None) -> list[int]:
+    """``[fn(*head, start, end, *tail), ...]`` over ``[0, total)`` split evenly over the threads
+    (one range when ``elements`` is small: a thread hand-off costs more than it saves)."""
     workers = max(1, threads if threads is not None else torch.get_num_threads())
     workers = min(workers, max(1, elements // PARALLEL_MIN_ELEMENTS))
     if workers == 1:
-        results = [fn(*head, 0, total, *tail)]
-    else:
-        edges = [total * i // workers for i in range(workers + 1)]
-        futures = [_pool(workers).submit(fn, *head, a, b, *tail) for a, b in zip(edges[:-1], edges[1:])]
-        results = [f.result() for f in futures]
-    if any(results):  # the Python checks ran first: a -1 here means they and the C checks disagree
-        raise RuntimeError(f"adamw_step_cpu: the C kernel rejected the call ({fn.__name__})")
+        return [fn(*head, 0, total, *tail)]
+    edges = [total * i // workers for i in range(workers + 1)]
+    return [f.result() for f in [_pool(workers).submit(fn, *head, a, b, *tail) for a, b in zip(edges[:-1], edges[1:])]]
+
+
+def _run_split(fn: Any, head: tuple, total: int, tail: tuple, elements: int, threads: int | None) -> None:
+    """:func:`_split` for the step functions, which return 0, or -1 on arguments they reject."""
+    if any(_split(fn, head, total, tail, elements, threads)):  # the Python checks ran first: -1 means
+        raise RuntimeError(f"adamw_step_cpu: the C kernel rejected the call ({fn.__name__})")  # they disagree
 
 
 def all_finite(tensors: list[torch.Tensor], threads: int | None = None) -> bool | None:
@@ -311,13 +315,7 @@ def all_finite(tensors: list[torch.Tensor], threads: int | None = None) -> bool 
     count = len(tensors)
     head = (count, _pointers(tensors), (ctypes.c_int32 * count)(*[DTYPES[t.dtype] for t in tensors]),
             (ctypes.c_int64 * count)(*numel))
-    workers = max(1, threads if threads is not None else torch.get_num_threads())
-    workers = min(workers, max(1, total // PARALLEL_MIN_ELEMENTS))
-    if workers == 1:
-        return bool(lib.lowprec_all_finite(*head, 0, total))
-    edges = [total * i // workers for i in range(workers + 1)]
-    return all(f.result() for f in [_pool(workers).submit(lib.lowprec_all_finite, *head, a, b)
-                                    for a, b in zip(edges[:-1], edges[1:])])
+    return all(bool(r) for r in _split(lib.lowprec_all_finite, head, total, (), total, threads))
 
 
 def increment_(counters: list[torch.Tensor]) -> None:

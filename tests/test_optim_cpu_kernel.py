@@ -254,3 +254,21 @@ def test_fp8_special_codes_decode_through_the_table(build):
     K.adamw_blocks_cpu_(fast[0], g, *fast[1:], hp, mf, vf)
     for a, b in zip(ref, fast):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_all_finite_finds_every_nan_and_inf(dtype, monkeypatch):
+    """The group's finite check: False for a NaN or +-Inf anywhere (first, last, middle tensor,
+    any thread's range), True for finite values up to the dtype's max; None for tensors it cannot
+    read (non-contiguous), so the optimizer falls back to its sum check."""
+    monkeypatch.setattr(K, "PARALLEL_MIN_ELEMENTS", 64)
+    big = torch.finfo(dtype).max
+    ts = [torch.full((5,), big, dtype=dtype), torch.randn(1000).to(dtype), torch.zeros(3, dtype=dtype)]
+    for threads in (1, 3):
+        assert K.all_finite(ts, threads=threads) is True
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            for ti, idx in ((0, 0), (1, 999), (1, 500), (2, 2)):
+                t2 = [t.clone() for t in ts]
+                t2[ti][idx] = bad
+                assert K.all_finite(t2, threads=threads) is False, (bad, ti, idx)
+    assert K.all_finite([torch.zeros(4, 4).t()]) is None
