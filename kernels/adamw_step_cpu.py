@@ -98,17 +98,20 @@ def _library() -> ctypes.CDLL | None:
 
 def available() -> bool:
     """True when the C library is built (or buildable) here and C kernels are not turned off."""
-    return cpu_library.enabled() and _library() is not None
+    return bool(supported_dtypes())
 
 
-def supported_dtypes() -> frozenset[torch.dtype]:
-    """Parameter dtypes the C kernels step here (empty when they are off or cannot be built)."""
-    if not cpu_library.enabled():
-        return frozenset()
+@functools.cache
+def _library_dtypes() -> frozenset[torch.dtype]:
     lib = _library()
     if lib is None:
         return frozenset()
     return frozenset(d for d in DTYPES if d != torch.float16 or lib.lowprec_has_f16())
+
+
+def supported_dtypes() -> frozenset[torch.dtype]:
+    """Parameter dtypes the C kernels step here (empty when they are off or cannot be built)."""
+    return _library_dtypes() if cpu_library.enabled() else frozenset()
 
 
 def supports_dtype(dtype: torch.dtype) -> bool:

@@ -295,8 +295,7 @@ class QuantizedAdamW(Optimizer):
                                              + (f" and {len(bad) - 1} more" if len(bad) > 1 else ""))
                 group["skipped_steps"] = int(group.get("skipped_steps", 0)) + 1
                 continue
-            c_dtypes = (adamw_step_cpu.supported_dtypes() if self.compile and forced_backend() is None
-                        else frozenset())
+            c_dtypes = self._c_kernel_dtypes()
             blocks, fp32 = [], []
             for (p, name, _), g in zip(items, grads):
                 state = self.state[p]
@@ -313,6 +312,20 @@ class QuantizedAdamW(Optimizer):
                 self._step_c_kernel(blocks, fp32, group)
         return loss
 
+    def _c_kernel_dtypes(self) -> frozenset[torch.dtype]:
+        """Parameter dtypes the CPU C kernel steps for this optimizer now: none when it is off
+        (``compile=False``, ``LOWPREC_KERNELS=torch``, ``LOWPREC_C_KERNELS=0``) or unbuildable."""
+        if not self.compile or forced_backend() is not None:
+            return frozenset()
+        return adamw_step_cpu.supported_dtypes()
+
+    @staticmethod
+    def _c_kernel_takes(p: torch.Tensor, g: torch.Tensor, dtypes: frozenset[torch.dtype]) -> bool:
+        """Whether the C kernel can read ``p`` and ``g`` in place: contiguous CPU tensors of one
+        dtype in ``dtypes`` (:meth:`_c_kernel_dtypes`)."""
+        return (p.dtype in dtypes and g.dtype == p.dtype and p.is_cpu and g.is_cpu and p.is_contiguous()
+                and g.is_contiguous())
+
     def _c_kernel_kind(self, p: torch.Tensor, g: torch.Tensor, state: dict[str, Any],
                        dtypes: frozenset[torch.dtype]) -> str | None:
         """``"blocks"`` or ``"fp32"`` for a tensor the CPU C kernel steps in place (block-quantized m
@@ -322,8 +335,7 @@ class QuantizedAdamW(Optimizer):
         pl = _local(p)
         n = pl.numel()
         step = state["step"]
-        if not (n > 0 and pl.dtype in dtypes and g.dtype == pl.dtype and pl.is_cpu and g.is_cpu
-                and pl.is_contiguous() and g.is_contiguous() and step.dtype == torch.float32 and step.is_cpu):
+        if not (n > 0 and self._c_kernel_takes(pl, g, dtypes) and step.dtype == torch.float32 and step.is_cpu):
             return None
         if "exp_avg" in state:
             return "fp32"
@@ -383,8 +395,7 @@ class QuantizedAdamW(Optimizer):
         elif "exp_avg_sq_codes" in state:
             args = (pl, g, mc, ma, state["exp_avg_sq_codes"], state["exp_avg_sq_row"], state["exp_avg_sq_col"], hp,
                     mf, vf, maximize)
-            if (self.compile and forced_backend() is None and pl.is_contiguous() and g.is_contiguous()
-                    and g.dtype == pl.dtype and adamw_step_cpu.supports(pl, mf, vf)):
+            if self._c_kernel_takes(pl, g, self._c_kernel_dtypes()) and adamw_step_cpu.supports_formats(mf, vf):
                 adamw_step_cpu.adamw_rank1_cpu_(*args)
             else:
                 F.adamw_rank1_(*args)
@@ -409,7 +420,7 @@ class QuantizedAdamW(Optimizer):
             from lowprec.kernels.adamw_step import adamw_blocks_triton_
 
             adamw_blocks_triton_(p2, g2, mc, ma, vc, va, hp, mf, vf, maximize)
-        elif self.compile and forced_backend() is None and g2.dtype == p2.dtype and adamw_step_cpu.supports(p2, mf, vf):
+        elif self._c_kernel_takes(p2, g2, self._c_kernel_dtypes()) and adamw_step_cpu.supports_formats(mf, vf):
             adamw_step_cpu.adamw_blocks_cpu_(p2, g2, mc, ma, vc, va, hp, mf, vf, maximize)
         elif self.compile:
             _compiled_blocks_step(p2, g2, mc, ma, vc, va, hp, mf, vf, maximize)
