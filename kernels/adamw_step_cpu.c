@@ -70,6 +70,14 @@ enum { HP_BETA1, HP_1M_BETA1, HP_BETA2, HP_1M_BETA2, HP_DECAY, HP_NEG_STEP, HP_B
 #define LP_FLOAT32_TINY 1.17549435082228750797e-38f
 
 static inline uint32_t f2u(float x) { uint32_t u; memcpy(&u, &x, 4); return u; }
+
+/* The multi-tensor entry points number items (blocks or elements) across their tensors in order and
+ * work on the range [r0, r1) of that numbering: the part of a tensor whose items are numbered
+ * [base, base + n), as indices [*lo, *hi) into that tensor (empty when *lo >= *hi). */
+static inline void clip_range(int64_t base, int64_t n, int64_t r0, int64_t r1, int64_t *lo, int64_t *hi) {
+    *lo = (r0 > base ? r0 : base) - base;
+    *hi = (r1 < base + n ? r1 : base + n) - base;
+}
 static inline float u2f(uint32_t u) { float x; memcpy(&x, &u, 4); return x; }
 
 /* ---------------------------------------------------------------------------------------------
@@ -469,8 +477,8 @@ int lowprec_adamw_tensors(int32_t count, void *const *p, const void *const *g, c
                           const lp_format *mf, const lp_format *vf, int32_t maximize) {
     int64_t base = 0;
     for (int32_t t = 0; t < count && base < gb1; t++) {
-        const int64_t lo = (gb0 > base ? gb0 : base) - base;
-        const int64_t hi = (gb1 < base + nblocks[t] ? gb1 : base + nblocks[t]) - base;
+        int64_t lo, hi;
+        clip_range(base, nblocks[t], gb0, gb1, &lo, &hi);
         if (lo < hi && lowprec_adamw_blocks(p[t], g[t], dtype[t], mc[t], ma[t], vc[t], va[t], hp[t], lo, hi, B, mf, vf,
                                             maximize) != 0)
             return -1;
@@ -487,8 +495,8 @@ int lowprec_adamw_fp32_tensors(int32_t count, void *const *p, const void *const 
                                int64_t e0, int64_t e1, int32_t maximize) {
     int64_t base = 0;
     for (int32_t t = 0; t < count && base < e1; t++) {
-        const int64_t lo = (e0 > base ? e0 : base) - base;
-        const int64_t hi = (e1 < base + numel[t] ? e1 : base + numel[t]) - base;
+        int64_t lo, hi;
+        clip_range(base, numel[t], e0, e1, &lo, &hi);
         base += numel[t];
         if (lo >= hi) continue;
         if (dtype[t] == LP_F32)
@@ -649,8 +657,8 @@ int32_t lowprec_all_finite(int32_t count, const void *const *x, const int32_t *d
                            int64_t e0, int64_t e1) {
     int64_t base = 0;
     for (int32_t t = 0; t < count && base < e1; t++) {
-        const int64_t lo = (e0 > base ? e0 : base) - base;
-        const int64_t hi = (e1 < base + numel[t] ? e1 : base + numel[t]) - base;
+        int64_t lo, hi;
+        clip_range(base, numel[t], e0, e1, &lo, &hi);
         base += numel[t];
         uint32_t bad = 0;
         if (dtype[t] == LP_F32) {
