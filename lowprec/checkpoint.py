@@ -39,7 +39,7 @@ import pickle
 import random
 import shutil
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,17 @@ _FILE_KEYS = ("lowprec_checkpoint", "step", "recipe", "model", "optimizer", "sch
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be read or does not fit: the message names the file and what is wrong."""
+
+
+class ResumeMismatch(CheckpointError, ValueError):
+    """A checkpoint was written under other recipe fields or run settings than the run resuming it.
+
+    Its ``differences`` map each differing name (``recipe.<dotted field>`` or a run setting such
+    as ``steps``) to ``(saved, now)``; ``allow_changes`` accepts named ones on purpose."""
+
+    def __init__(self, message: str, differences: Mapping[str, tuple[Any, Any]]):
+        super().__init__(message)
+        self.differences = dict(differences)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -78,6 +89,24 @@ def recipe_name(model: nn.Module) -> str:
     """The name of the recipe ``lowprec.convert`` applied to ``model`` ('' for an unconverted model)."""
     recipe = getattr(unwrap(model), "lowprec_recipe", None)
     return getattr(recipe, "name", "") if recipe is not None else ""
+
+
+def recipe_fields(model: nn.Module) -> dict[str, Any]:
+    """Every field of the recipe ``lowprec.convert`` applied to ``model``, by dotted name (tuples as
+    lists, so a value compares equal after a JSON round trip); empty for an unconverted model."""
+    recipe = getattr(unwrap(model), "lowprec_recipe", None)
+    to_dict = getattr(recipe, "to_dict", None)
+    return _flatten(json.loads(json.dumps(to_dict(), default=_json_default))) if callable(to_dict) else {}
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def _tensor_digest(t: torch.Tensor) -> str:
@@ -237,6 +266,7 @@ def save(
     scheduler: Any | None = None,
     data: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
+    settings: Mapping[str, Any] | None = None,
     format: str = "auto",
 ) -> Path:
     """Write a checkpoint of a training run after ``step`` completed steps; return its path.
@@ -244,7 +274,9 @@ def save(
     ``format``: ``"file"`` (one ``torch.save`` file; one process only), ``"dcp"`` (a directory
     through :mod:`torch.distributed.checkpoint`; every rank must call), or ``"auto"`` (dcp when
     ``torch.distributed`` runs with more than one rank, else file). ``data`` describes the data
-    position (e.g. ``seed``, ``batch_size``, ``seq_len``); ``extra`` is any JSON-able mapping.
+    position (e.g. ``seed``, ``batch_size``, ``seq_len``); ``extra`` is any JSON-able mapping;
+    ``settings`` (JSON-able) are the run settings a resume must repeat (see :func:`load`). The
+    model's whole recipe is recorded too, field by field.
     The write is atomic: an existing checkpoint at ``path`` stays intact until the new one is complete.
     """
     rank, world = _world()
@@ -260,6 +292,8 @@ def save(
         "lowprec_checkpoint": FORMAT_VERSION,
         "step": int(step),
         "recipe": recipe_name(model),
+        "recipe_fields": recipe_fields(model),
+        "settings": json.loads(json.dumps(dict(settings or {}), default=_json_default)),
         "data": dict(data or {}),
         "extra": dict(extra or {}),
         "world_size": world,
@@ -339,20 +373,34 @@ def load(
     scheduler: Any | None = None,
     restore_rng: bool = True,
     strict_recipe: bool = True,
+    settings: Mapping[str, Any] | None = None,
+    allow_changes: Iterable[str] = (),
 ) -> dict[str, Any]:
     """Load a checkpoint (file or DCP directory) into ``model`` / ``optimizer`` / ``scheduler``.
 
     Works across layouts: a file or a DCP directory written by N ranks loads into a plain
     model in one process, a DDP model, or an FSDP2 model on M ranks. RNG states are restored
     when the world size is the one that saved (otherwise each rank keeps its own). Returns the
-    metadata: ``step``, ``recipe``, ``data``, ``extra``, ``world_size``.
+    metadata: ``step``, ``recipe``, ``data``, ``extra``, ``world_size``, ``settings``.
     Everything is read and checked before anything is modified.
+
+    A resume must run what the checkpoint ran: with ``strict_recipe`` every field of the model's
+    recipe is compared with the saved one, and with ``settings`` every run setting is compared
+    with the saved ones; any difference raises :class:`ResumeMismatch` listing them all, except
+    the names in ``allow_changes`` (``recipe.<dotted field>`` or a setting's name), which the
+    caller accepts on purpose. A name there that is neither is an error too (a typo would
+    otherwise accept nothing without a word).
     """
     path = Path(path)
+    allow_changes = tuple(allow_changes)
     if path.is_dir():
-        return _load_dcp(path, model, optimizer, scheduler, restore_rng=restore_rng, strict_recipe=strict_recipe)
+        return _load_dcp(path, model, optimizer, scheduler, restore_rng=restore_rng, strict_recipe=strict_recipe,
+                         settings=settings, allow_changes=allow_changes)
     payload = read_file(path)
-    _check_recipe(path, payload["recipe"], model, strict_recipe)
+    _check_run(path, payload, model, strict_recipe, settings, allow_changes)
+    _check_rng(path, payload["rng"])
+    if scheduler is not None and payload["scheduler"] is not None:
+        _check_like(path, "LR scheduler state", payload["scheduler"], scheduler.state_dict())
     if optimizer is not None and payload["optimizer"] is None:
         raise CheckpointError(f"checkpoint file {str(path)!r} holds no optimizer state, but an optimizer was given to load")
     if scheduler is not None and payload["scheduler"] is None:
@@ -377,7 +425,7 @@ def load(
         scheduler.load_state_dict(payload["scheduler"])
     if restore_rng and payload["world_size"] == world:
         set_rng_state(payload["rng"])
-    return {k: payload[k] for k in ("step", "recipe", "data", "extra", "world_size")}
+    return {k: payload.get(k) for k in _RETURNED_META}
 
 
 def _shard_full_optimizer_state(path: Path, model: nn.Module, optimizer, saved: Mapping[str, Any]) -> dict[str, Any]:
@@ -431,14 +479,92 @@ def _restore_state_dtypes(model: nn.Module, optimizer, saved_state: Mapping[str,
                 live[k] = v.detach().clone().to(device=live[k].device)
 
 
-def _check_recipe(path: Path, saved: str, model: nn.Module, strict: bool) -> None:
+_RETURNED_META = ("step", "recipe", "data", "extra", "world_size", "settings")
+
+
+def _check_run(path: Path, saved: Mapping[str, Any], model: nn.Module, strict_recipe: bool,
+               settings: Mapping[str, Any] | None, allow_changes: tuple[str, ...]) -> None:
+    """The recipe (name, then every field) and the run settings equal the saved ones, but for
+    ``allow_changes``; else a :class:`ResumeMismatch` listing every difference."""
     have = recipe_name(model)
-    if strict and saved != have:
+    if strict_recipe and saved["recipe"] != have and "recipe.name" not in allow_changes:
         raise CheckpointError(
-            f"checkpoint {str(path)!r} was written by a model converted with recipe {saved or '(none)'!r}; "
+            f"checkpoint {str(path)!r} was written by a model converted with recipe {saved['recipe'] or '(none)'!r}; "
             f"this model has recipe {have or '(none)'!r}. Convert the model with the same recipe first "
             "(or pass strict_recipe=False)"
         )
+    old: dict[str, Any] = {}
+    new: dict[str, Any] = {}
+    if strict_recipe:
+        # checkpoints written before recipes were recorded field by field compare by name only
+        if saved.get("recipe_fields") is not None:
+            old.update({f"recipe.{k}": v for k, v in saved["recipe_fields"].items()})
+            new.update({f"recipe.{k}": v for k, v in recipe_fields(model).items()})
+    if settings is not None:
+        old.update(saved.get("settings") or {})
+        new.update(json.loads(json.dumps(dict(settings), default=_json_default)))
+    unknown = sorted(set(allow_changes) - set(old) - set(new) - {"recipe.name"})
+    if unknown:
+        raise CheckpointError(f"allow_changes names {unknown}, which are neither recipe fields nor run settings "
+                              f"of checkpoint {str(path)!r}; they are: {', '.join(sorted(set(old) | set(new)))}")
+    missing = object()
+    diffs = {k: (old.get(k, missing), new.get(k, missing)) for k in sorted(set(old) | set(new))
+             if old.get(k, missing) != new.get(k, missing) and k not in allow_changes}
+    if diffs:
+        def show(v: Any) -> str:
+            return "(absent)" if v is missing else repr(v)
+
+        listed = "; ".join(f"{k}: {show(a)} in the checkpoint, {show(b)} now" for k, (a, b) in diffs.items())
+        raise ResumeMismatch(
+            f"cannot resume from {str(path)!r}: this run differs from the checkpoint's in {len(diffs)} "
+            f"{'field' if len(diffs) == 1 else 'fields'} ({listed}). Run with the checkpoint's values, or accept "
+            f"the change on purpose (allow_changes / --allow-change NAME)",
+            {k: (None if a is missing else a, None if b is missing else b) for k, (a, b) in diffs.items()})
+
+
+def _check_rng(path: Path, rng: Any) -> None:
+    """The saved RNG states have the types and sizes this process's have, so restoring them (the
+    last step of a load) cannot fail after the model and optimizer were already loaded."""
+    live = rng_state()
+    live["python"]["gauss"] = _NUMBER_OR_NONE  # random.gauss's cached value: None until first used
+    _check_like(path, "RNG state", rng, live, ignore=("cuda",))
+
+
+_NUMBER_OR_NONE = object()  # a template leaf of _check_like that admits a number or None
+
+
+def _check_like(path: Path, what: str, saved: Any, live: Any, where: str = "", ignore: tuple[str, ...] = ()) -> None:
+    """``saved`` has ``live``'s structure: the same keys, list lengths, tensor dtypes and shapes,
+    and the same kind of plain value (number, string, None) everywhere."""
+    def fail(why: str) -> CheckpointError:
+        return CheckpointError(f"checkpoint {str(path)!r}: {what} {where or '(top)'!r} {why}; refused")
+
+    if live is _NUMBER_OR_NONE:
+        if saved is not None and (isinstance(saved, bool) or not isinstance(saved, (int, float))):
+            raise fail(f"is {saved!r:.60}, expected a number or None")
+    elif isinstance(live, torch.Tensor):
+        if not isinstance(saved, torch.Tensor) or saved.dtype != live.dtype or saved.shape != live.shape:
+            got = f"{saved.dtype} {tuple(saved.shape)}" if isinstance(saved, torch.Tensor) else type(saved).__name__
+            raise fail(f"is {got}, expected {live.dtype} {tuple(live.shape)}")
+    elif isinstance(live, Mapping):
+        if not isinstance(saved, Mapping):
+            raise fail(f"is a {type(saved).__name__}, expected a mapping")
+        keys, want = set(saved) - set(ignore), set(live) - set(ignore)
+        if keys != want:
+            raise fail(f"has keys {sorted(map(str, keys))}, expected {sorted(map(str, want))}")
+        for k in want:
+            _check_like(path, what, saved[k], live[k], f"{where}/{k}" if where else str(k))
+    elif isinstance(live, (list, tuple)):
+        if not isinstance(saved, (list, tuple)) or len(saved) != len(live):
+            raise fail(f"is {type(saved).__name__} {saved!r:.60}, expected a sequence of {len(live)}")
+        for i, (a, b) in enumerate(zip(saved, live)):
+            _check_like(path, what, a, b, f"{where}/{i}")
+    elif isinstance(live, bool) or live is None or isinstance(live, str):
+        if type(saved) is not type(live):
+            raise fail(f"is {saved!r:.60}, expected a {type(live).__name__}")
+    elif isinstance(live, (int, float)):
+        if isinstance(saved, bool) or not isinstance(saved, (int, float)):
+            raise fail(f"is {saved!r:.60}, expected a number")
 
 
 def _check_optimizer_fits(path: Path, saved: Mapping[str, Any], model: nn.Module, optimizer) -> None:
@@ -457,6 +583,21 @@ def _check_optimizer_fits(path: Path, saved: Mapping[str, Any], model: nn.Module
     if len(groups) != len(optimizer.param_groups):
         raise CheckpointError(f"checkpoint {str(path)!r}: saved optimizer has {len(groups)} param groups, this one "
                               f"has {len(optimizer.param_groups)}")
+    for i, (sg, g) in enumerate(zip(groups, optimizer.param_groups)):
+        if not isinstance(sg, Mapping):
+            raise CheckpointError(f"checkpoint {str(path)!r}: optimizer param group {i} is a {type(sg).__name__}, "
+                                  "expected a mapping")
+        # hyperparameters the optimizer has must come back as the same kind of value (a string lr
+        # would fail in the middle of a step); keys it lacks (a scheduler's initial_lr) must be plain
+        for k, v in sg.items():
+            if k in ("params", "param_names"):
+                continue
+            if k in g:
+                _check_like(path, "optimizer hyperparameter", v, g[k], f"param_groups/{i}/{k}")
+            elif not (v is None or isinstance(v, (bool, int, float, str))):
+                raise CheckpointError(f"checkpoint {str(path)!r}: optimizer param group {i} entry {k!r} is a "
+                                      f"{type(v).__name__}; this optimizer has no such entry, so only a plain "
+                                      "value is accepted")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -553,6 +694,63 @@ def _read_dcp_metadata(path: Path):
     except Exception as e:
         raise CheckpointError(f"checkpoint file {str(meta_file)!r} cannot be read: truncated, corrupted or not DCP "
                               f"metadata ({type(e).__name__}: {e})") from None
+
+
+_DCP_NAMESPACES = ("model.", "optim.", "rng.")  # the only top-level entries _save_dcp writes
+
+
+def _check_dcp_entries(path: Path, md: Any, files: Mapping[str, Any]) -> dict[str, Any]:
+    """Every entry DCP's ``.metadata`` declares, checked before DCP reads a byte of payload.
+
+    lowprec writes tensors only, under :data:`_DCP_NAMESPACES`, into files it lists in its manifest.
+    Anything else is refused: a ``BytesStorageMetadata`` entry would make DCP's default planner
+    unpickle its payload with ``torch.load(weights_only=False)`` (code execution), a storage path
+    outside the directory or not in the manifest would read a file nobody checked, and a transform
+    descriptor would run a decoder on untrusted bytes. Returns the tensor entries by key."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    where = f"checkpoint {str(path)!r} (.metadata)"
+    entries = getattr(md, "state_dict_metadata", None)
+    storage = getattr(md, "storage_data", None)
+    if not isinstance(entries, Mapping) or not isinstance(storage, Mapping):
+        raise CheckpointError(f"{where} is not DCP metadata (no state_dict_metadata / storage_data tables)")
+    out: dict[str, Any] = {}
+    for key, entry in entries.items():
+        if not isinstance(key, str) or not key.startswith(_DCP_NAMESPACES):
+            raise CheckpointError(f"{where} declares an entry {key!r} outside {', '.join(_DCP_NAMESPACES)}: "
+                                  "not written by lowprec, refused")
+        if type(entry) is not TensorStorageMetadata:
+            raise CheckpointError(f"{where} declares entry {key!r} as {type(entry).__name__}; a lowprec checkpoint "
+                                  "holds only tensors (a non-tensor entry would be unpickled with code execution), "
+                                  "refused")
+        out[key] = entry
+    for index, info in storage.items():
+        name = getattr(info, "relative_path", None)
+        fqn = getattr(index, "fqn", None)
+        if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name \
+                or name not in files:
+            raise CheckpointError(f"{where}: entry {fqn!r} is stored in {name!r}, which is not a file listed in "
+                                  f"{META_NAME}, refused")
+        if getattr(info, "transform_descriptors", None):
+            raise CheckpointError(f"{where}: entry {fqn!r} asks for storage transforms "
+                                  f"{list(info.transform_descriptors)!r}; lowprec writes none, refused")
+        if fqn not in out:
+            raise CheckpointError(f"{where}: storage for {fqn!r}, which is not a declared tensor entry, refused")
+    return out
+
+
+def _tensor_only_planner():
+    """DCP's default load planner with its byte path closed: ``load_bytes`` would call
+    ``torch.load(weights_only=False)``. :func:`_check_dcp_entries` already refuses such entries;
+    this is the second lock, in case a future DCP plans bytes some other way."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    class TensorOnlyLoadPlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item: Any, value: Any) -> None:
+            raise CheckpointError(f"checkpoint entry {read_item.dest_index.fqn!r} is not a tensor; a lowprec "
+                                  "checkpoint is loaded without unpickling anything")
+
+    return TensorOnlyLoadPlanner()
 
 
 def _safe_reader(path: Path):
@@ -688,8 +886,7 @@ def _save_dcp(path: Path, model, optimizer, scheduler, meta: dict[str, Any]) -> 
     meta["scheduler"] = scheduler.state_dict() if scheduler is not None else None
     rng = rng_state()
     state["rng"] = {str(rank): {"torch": rng["torch"], "python": rng["python"]["state"]}}
-    rng_extra = {"python_version": rng["python"]["version"], "python_gauss": rng["python"]["gauss"],
-                 "numpy": {k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in rng.get("numpy", {}).items()}}
+    rng_extra = _rng_extra(rng)
     all_extra: list[Any] = [rng_extra]
     if world > 1:
         all_extra = [None] * world
@@ -716,6 +913,18 @@ def _save_dcp(path: Path, model, optimizer, scheduler, meta: dict[str, Any]) -> 
         _fsync_dir(path.parent)
     if world > 1:
         dist.barrier()
+
+
+def _rng_extra(rng: Mapping[str, Any]) -> dict[str, Any]:
+    """The RNG state a DCP checkpoint keeps in its JSON manifest (the rest are tensors)."""
+    return {"python_version": rng["python"]["version"], "python_gauss": rng["python"]["gauss"],
+            "numpy": {k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in rng.get("numpy", {}).items()}}
+
+
+def _rng_extra_template() -> dict[str, Any]:
+    extra = _rng_extra(rng_state())
+    extra["python_gauss"] = _NUMBER_OR_NONE
+    return extra
 
 
 def read_dcp_meta(path: str | Path) -> dict[str, Any]:
@@ -763,22 +972,22 @@ def _restore_tuples(saved_groups: list[dict[str, Any]], optimizer) -> list[dict[
     return out
 
 
-def _load_dcp(path: Path, model, optimizer, scheduler, *, restore_rng: bool, strict_recipe: bool) -> dict[str, Any]:
+def _load_dcp(path: Path, model, optimizer, scheduler, *, restore_rng: bool, strict_recipe: bool,
+              settings: Mapping[str, Any] | None, allow_changes: tuple[str, ...]) -> dict[str, Any]:
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
     rank, world = _world()
     meta = read_dcp_meta(path)
-    _check_recipe(path, meta["recipe"], model, strict_recipe)
-    md = _read_dcp_metadata(path).state_dict_metadata
-    saved_shapes = {k: tuple(v.size) for k, v in md.items() if isinstance(v, TensorStorageMetadata)}
+    _check_run(path, meta, model, strict_recipe, settings, allow_changes)
+    md = _check_dcp_entries(path, _read_dcp_metadata(path), meta["files"])
+    saved_shapes = {k: tuple(v.size) for k, v in md.items()}
 
     def check(key: str, t: torch.Tensor, what: str) -> None:
         if key not in saved_shapes:
             raise CheckpointError(f"checkpoint {str(path)!r} has no {what} {key!r}")
-        if saved_shapes[key] != tuple(t.shape):
-            raise CheckpointError(f"checkpoint {str(path)!r}: {what} {key!r} was saved with shape {saved_shapes[key]}; "
-                                  f"this run expects {tuple(t.shape)}")
+        saved_dtype = md[key].properties.dtype
+        if saved_shapes[key] != tuple(t.shape) or saved_dtype != t.dtype:
+            raise CheckpointError(f"checkpoint {str(path)!r}: {what} {key!r} was saved as {saved_dtype} of shape "
+                                  f"{saved_shapes[key]}; this run expects {t.dtype} of shape {tuple(t.shape)}")
 
     msd = model_state(model)
     saved_model = {k[len("model."):] for k in saved_shapes if k.startswith("model.")}
@@ -813,12 +1022,17 @@ def _load_dcp(path: Path, model, optimizer, scheduler, *, restore_rng: bool, str
             check(f"optim.{k}", v, "optimizer state")
     if scheduler is not None and meta.get("scheduler") is None:
         raise CheckpointError(f"checkpoint {str(path)!r} holds no LR scheduler state, but a scheduler was given to load")
+    if scheduler is not None:
+        _check_like(path, "LR scheduler state", meta["scheduler"], scheduler.state_dict())
     same_world = meta["world_size"] == world and str(rank) in meta["rng"]
     if restore_rng and same_world:
+        _check_like(path, "RNG state", meta["rng"][str(rank)], _rng_extra_template())
         rng_now = rng_state()
         target["rng"] = {str(rank): {"torch": rng_now["torch"].clone(), "python": rng_now["python"]["state"].clone()}}
+        for k, v in target["rng"][str(rank)].items():
+            check(f"rng.{rank}.{k}", v, "RNG state")
     try:
-        dcp.load(target, storage_reader=_safe_reader(path), no_dist=world == 1)
+        dcp.load(target, storage_reader=_safe_reader(path), planner=_tensor_only_planner(), no_dist=world == 1)
     except Exception as e:
         raise CheckpointError(f"checkpoint {str(path)!r} cannot be loaded into this model/optimizer: "
                               f"{type(e).__name__}: {e}") from e
@@ -851,4 +1065,4 @@ def _load_dcp(path: Path, model, optimizer, scheduler, *, restore_rng: bool, str
             n["keys"] = torch.tensor(n["keys"], dtype=torch.int64)
             state_rng["numpy"] = n
         set_rng_state(state_rng)
-    return {k: meta.get(k) for k in ("step", "recipe", "data", "extra", "world_size")}
+    return {k: meta.get(k) for k in _RETURNED_META}
