@@ -37,6 +37,8 @@ LIBRARY = "adamw_step_cpu"
 KIND_CODEBOOK16, KIND_LINEAR16, KIND_CODEBOOK256, KIND_FP8 = range(4)
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 MAX_BLOCK = 256
+# Hyperparameters the C kernels read per tensor (HP_* in the C source; lowprec.optim.functional.HP_SIZE).
+HP_SIZE = 8
 # Below this many elements a step runs on one thread (a thread hand-off costs ~10-50 us).
 PARALLEL_MIN_ELEMENTS = 1 << 16
 
@@ -243,15 +245,112 @@ def _check(name: str, t: torch.Tensor, shape: tuple[int, ...] | None = None, dty
         raise ValueError(f"adamw_step_cpu: {name} must be {dtype} of shape {shape}; got {t.dtype} {tuple(t.shape)}")
 
 
+# ----------------------------------------------------------------------------------------------
+# Bounds checks that always run: the C loops trust every pointer to hold the elements the sizes
+# imply, so a short or mistyped tensor (a tampered state dict, a hand-edited optimizer state)
+# would be read and written out of bounds. O(1) per tensor: dtype, size, device, contiguity.
+# ----------------------------------------------------------------------------------------------
+
+
+def _bytes_per_block(fmt: Any) -> int:
+    """Bytes of codes per block: two 4-bit codes per byte when packed."""
+    return fmt.block_size // 2 if fmt.packed else fmt.block_size
+
+
+def _fits(t: torch.Tensor, dtype: torch.dtype, numel: int) -> bool:
+    """Whether the C kernel may access ``numel`` elements of ``dtype`` from ``t.data_ptr()``: a
+    contiguous CPU tensor of exactly that dtype and size. (No isinstance test: ~100 ns a tensor
+    on the step's path; a non-tensor raises AttributeError, which the callers turn into
+    :func:`_refuse`'s message.)"""
+    return t.dtype == dtype and t.numel() == numel and t.is_cpu and t.is_contiguous()
+
+
+def _param_fits(p: torch.Tensor, dtypes: frozenset[torch.dtype], multiple: int) -> bool:
+    """Whether ``p`` is a contiguous CPU tensor of a dtype in ``dtypes`` whose size is a multiple of ``multiple``."""
+    return p.dtype in dtypes and p.numel() % multiple == 0 and p.is_cpu and p.is_contiguous()
+
+
+def _describe(t: Any) -> str:
+    if not isinstance(t, torch.Tensor):
+        return f"a {type(t).__name__}"
+    return f"{t.dtype} of shape {tuple(t.shape)} on {t.device}" + ("" if t.is_contiguous() else ", not contiguous")
+
+
+def _refuse(i: int, p: Any, dtypes: frozenset[torch.dtype], multiple: int,
+            states: list[tuple[str, Any, torch.dtype | None, int]]) -> None:
+    """Raise ``ValueError`` naming the first of tensor ``i``'s parameter and ``(name, tensor,
+    dtype, numel)`` states that does not fit (the slow path of the checks below)."""
+    if not (isinstance(p, torch.Tensor) and _param_fits(p, dtypes, multiple)):
+        raise ValueError(f"adamw_step_cpu: tensor {i}: p must be a contiguous CPU tensor of dtype "
+                         f"{' or '.join(sorted(map(str, dtypes)))} with a multiple of {multiple} elements; "
+                         f"got {_describe(p)}")
+    for name, t, dtype, numel in states:
+        if not (isinstance(t, torch.Tensor) and _fits(t, dtype, numel)):
+            raise ValueError(f"adamw_step_cpu: tensor {i}: {name} must be a contiguous CPU {dtype} tensor of {numel} "
+                             f"elements (for p of {p.numel()}); got {_describe(t)}")
+    raise ValueError(f"adamw_step_cpu: tensor {i}: arguments the C kernel cannot take")  # the fast check raised
+
+
+def _check_block_tensors(params: list, grads: list, m_codes: list, m_absmax: list, v_codes: list, v_absmax: list,
+                         m_fmt: Any, v_fmt: Any) -> list[int]:
+    """The always-on bounds check of :func:`adamw_tensors_cpu_`; returns each tensor's block count."""
+    if not supports_formats(m_fmt, v_fmt):
+        raise ValueError(f"adamw_step_cpu: unsupported state formats (block sizes {m_fmt.block_size}/"
+                         f"{v_fmt.block_size}; one size, a multiple of 32, at most {MAX_BLOCK})")
+    dtypes = supported_dtypes()
+    bs = m_fmt.block_size
+    m_bytes, v_bytes = _bytes_per_block(m_fmt), _bytes_per_block(v_fmt)
+    u8, f32 = torch.uint8, torch.float32
+    nblocks = []
+    for i, (p, g, mc, ma, vc, va) in enumerate(zip(params, grads, m_codes, m_absmax, v_codes, v_absmax)):
+        try:
+            nb = p.numel() // bs
+            ok = (_param_fits(p, dtypes, bs) and _fits(g, p.dtype, nb * bs) and _fits(mc, u8, nb * m_bytes)
+                  and _fits(ma, f32, nb) and _fits(vc, u8, nb * v_bytes) and _fits(va, f32, nb))
+        except (AttributeError, TypeError):  # not a tensor
+            ok = False
+        if not ok:
+            nb = p.numel() // bs if isinstance(p, torch.Tensor) else 0
+            _refuse(i, p, dtypes, bs, [("g", g, getattr(p, "dtype", None), nb * bs), ("m_codes", mc, u8, nb * m_bytes),
+                                       ("m_absmax", ma, f32, nb), ("v_codes", vc, u8, nb * v_bytes),
+                                       ("v_absmax", va, f32, nb)])
+        nblocks.append(nb)
+    return nblocks
+
+
+def _check_fp32_tensors(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list) -> list[int]:
+    """The always-on bounds check of :func:`adamw_fp32_tensors_cpu_`; returns each tensor's size."""
+    dtypes = supported_dtypes()
+    f32 = torch.float32
+    numel = []
+    for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
+        try:
+            n = p.numel()
+            ok = _param_fits(p, dtypes, 1) and _fits(g, p.dtype, n) and _fits(m, f32, n) and _fits(v, f32, n)
+        except (AttributeError, TypeError):  # not a tensor
+            ok = False
+        if not ok:
+            n = p.numel() if isinstance(p, torch.Tensor) else 0
+            _refuse(i, p, dtypes, 1, [("g", g, getattr(p, "dtype", None), n), ("exp_avg", m, f32, n),
+                                      ("exp_avg_sq", v, f32, n)])
+        numel.append(n)
+    return numel
+
+
 def adamw_tensors_cpu_(params: list[torch.Tensor], grads: list[torch.Tensor], m_codes: list[torch.Tensor],
                        m_absmax: list[torch.Tensor], v_codes: list[torch.Tensor], v_absmax: list[torch.Tensor],
                        hps: list[torch.Tensor], m_fmt: Any, v_fmt: Any, maximize: bool = False,
                        threads: int | None = None, check: bool = True) -> None:
     """:func:`adamw_blocks_cpu_` on several tensors in one C call, each with its own states and
     hyperparameter vector (a param group). ``params[i]``/``grads[i]`` are ``(n_blocks_i, B)``
-    views (with ``check=False``, any contiguous tensors of ``n_blocks_i * B`` elements). The blocks of all tensors are split evenly over ``threads`` (default
-    ``torch.get_num_threads()``). ``check=False`` skips the per-tensor layout checks (for callers
-    that made the states themselves: the optimizer)."""
+    views (with ``check=False``, any contiguous tensors of ``n_blocks_i * B`` elements). The
+    blocks of all tensors are split evenly over ``threads`` (default ``torch.get_num_threads()``).
+
+    Every call checks, per tensor, what keeps the C loop in bounds (``ValueError`` naming the
+    tensor): contiguous CPU tensors, ``p`` of a supported dtype and a whole number of blocks,
+    ``g`` of ``p``'s dtype and size, codes uint8 of ``n_blocks * bytes_per_block`` elements,
+    absmax float32 of ``n_blocks``, hyperparameter vectors of :data:`HP_SIZE`. ``check=True``
+    also requires the documented 2-D shapes; ``check=False`` (the optimizer) skips only that."""
     lib = _library()
     if lib is None:
         raise RuntimeError("adamw_step_cpu: the C library is not available")
@@ -259,9 +358,7 @@ def adamw_tensors_cpu_(params: list[torch.Tensor], grads: list[torch.Tensor], m_
     if not count == len(grads) == len(m_codes) == len(m_absmax) == len(v_codes) == len(v_absmax) == len(hps):
         raise ValueError("adamw_step_cpu: params, grads, states and hyperparameters must have one entry per tensor")
     bs = m_fmt.block_size
-    m_bytes = bs // 2 if m_fmt.packed else bs
-    v_bytes = bs // 2 if v_fmt.packed else bs
-    nblocks = [p.numel() // bs for p in params]
+    m_bytes, v_bytes = _bytes_per_block(m_fmt), _bytes_per_block(v_fmt)
     for i, (p, g) in enumerate(zip(params, grads) if check else ()):
         if not supports(p, m_fmt, v_fmt):
             raise ValueError(f"adamw_step_cpu: unsupported step for tensor {i} (dtype {p.dtype}, device {p.device}, "
@@ -276,6 +373,7 @@ def adamw_tensors_cpu_(params: list[torch.Tensor], grads: list[torch.Tensor], m_
         _check("v_codes", v_codes[i], (nb, v_bytes), torch.uint8)
         _check("m_absmax", m_absmax[i], (nb,), torch.float32)
         _check("v_absmax", v_absmax[i], (nb,), torch.float32)
+    nblocks = _check_block_tensors(params, grads, m_codes, m_absmax, v_codes, v_absmax, m_fmt, v_fmt)
     total = sum(nblocks)
     if total == 0:
         return
@@ -334,11 +432,16 @@ def increment_(counters: list[torch.Tensor]) -> None:
 
 
 def _as_float32_cpu(hps: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Hyperparameter vectors as contiguous float32 CPU tensors (each distinct one converted once)."""
+    """Hyperparameter vectors as contiguous float32 CPU tensors (each distinct one converted once),
+    each of :data:`HP_SIZE` elements (the C kernels read that many)."""
     done: dict[int, torch.Tensor] = {}
     for h in hps:
         if id(h) not in done:
-            done[id(h)] = h.detach().to(device="cpu", dtype=torch.float32).contiguous()
+            h32 = h.detach().to(device="cpu", dtype=torch.float32).contiguous()
+            if h32.numel() != HP_SIZE:
+                raise ValueError(f"adamw_step_cpu: a hyperparameter vector must have {HP_SIZE} elements; got "
+                                 f"shape {tuple(h.shape)}")
+            done[id(h)] = h32
     return [done[id(h)] for h in hps]
 
 
@@ -351,7 +454,9 @@ def adamw_fp32_tensors_cpu_(params: list[torch.Tensor], grads: list[torch.Tensor
                             threads: int | None = None, check: bool = True) -> None:
     """The step on float32 states (``lowprec.optim.functional.adamw_fp32_``) for several tensors in
     one C call: parameters and gradients of one dtype each, float32 moments of the same shape,
-    all contiguous CPU tensors; updated in place. ``check=False`` as :func:`adamw_tensors_cpu_`."""
+    all contiguous CPU tensors; updated in place. Every call checks the dtypes, sizes, device and
+    contiguity the C loop relies on; ``check=True`` also requires the moments' and gradient's
+    shapes to be the parameter's (``check=False``: the optimizer, equal sizes suffice)."""
     lib = _library()
     if lib is None:
         raise RuntimeError("adamw_step_cpu: the C library is not available")
@@ -366,7 +471,7 @@ def adamw_fp32_tensors_cpu_(params: list[torch.Tensor], grads: list[torch.Tensor
         _check("g", g)
         _check("exp_avg", m, tuple(p.shape), torch.float32)
         _check("exp_avg_sq", v, tuple(p.shape), torch.float32)
-    numel = [p.numel() for p in params]
+    numel = _check_fp32_tensors(params, grads, exp_avgs, exp_avg_sqs)
     total = sum(numel)
     if total == 0:
         return
@@ -397,8 +502,8 @@ def adamw_rank1_cpu_(p: torch.Tensor, g: torch.Tensor, m_codes: torch.Tensor, m_
     nb = -(-n // bs)
     _check("p", p)
     _check("g", g)
-    _check("m_codes", m_codes, (nb, bs // 2 if m_fmt.packed else bs), torch.uint8)
-    _check("v_codes", v_codes, (nb, bs // 2 if v_fmt.packed else bs), torch.uint8)
+    _check("m_codes", m_codes, (nb, _bytes_per_block(m_fmt)), torch.uint8)
+    _check("v_codes", v_codes, (nb, _bytes_per_block(v_fmt)), torch.uint8)
     _check("m_absmax", m_absmax, (nb,), torch.float32)
     _check("v_row", v_row, (rows,), torch.float32)
     _check("v_col", v_col, (cols,), torch.float32)

@@ -391,8 +391,18 @@ def load(
     caller accepts on purpose. A name there that is neither is an error too (a typo would
     otherwise accept nothing without a word).
     """
-    path = Path(path)
-    allow_changes = tuple(allow_changes)
+    fresh = optimizer is not None and len(optimizer.state) == 0
+    try:
+        return _load(Path(path), model, optimizer, scheduler, restore_rng=restore_rng, strict_recipe=strict_recipe,
+                     settings=settings, allow_changes=tuple(allow_changes))
+    except CheckpointError:
+        if fresh:  # reading the optimizer's layout initialised its state (torch's _init_optim_state): undo that
+            optimizer.state.clear()
+        raise
+
+
+def _load(path: Path, model: nn.Module, optimizer, scheduler, *, restore_rng: bool, strict_recipe: bool,
+          settings: Mapping[str, Any] | None, allow_changes: tuple[str, ...]) -> dict[str, Any]:
     if path.is_dir():
         return _load_dcp(path, model, optimizer, scheduler, restore_rng=restore_rng, strict_recipe=strict_recipe,
                          settings=settings, allow_changes=allow_changes)
@@ -414,6 +424,7 @@ def load(
         osd = payload["optimizer"]
         if full:
             osd = _shard_full_optimizer_state(path, model, optimizer, osd)
+        _check_optimizer_state(path, model, optimizer, osd)
     try:
         _load_model_state(model, payload["model"], full)
         if optimizer is not None:
@@ -500,8 +511,8 @@ def _check_run(path: Path, saved: Mapping[str, Any], model: nn.Module, strict_re
         if saved.get("recipe_fields") is not None:
             old.update({f"recipe.{k}": v for k, v in saved["recipe_fields"].items()})
             new.update({f"recipe.{k}": v for k, v in recipe_fields(model).items()})
-    if settings is not None:
-        old.update(saved.get("settings") or {})
+    if settings is not None and saved.get("settings"):  # a checkpoint saved without settings has none to compare
+        old.update(saved["settings"])
         new.update(json.loads(json.dumps(dict(settings), default=_json_default)))
     unknown = sorted(set(allow_changes) - set(old) - set(new) - {"recipe.name"})
     if unknown:
@@ -565,6 +576,28 @@ def _check_like(path: Path, what: str, saved: Any, live: Any, where: str = "", i
     elif isinstance(live, (int, float)):
         if isinstance(saved, bool) or not isinstance(saved, (int, float)):
             raise fail(f"is {saved!r:.60}, expected a number")
+
+
+def _check_optimizer_state(path: Path, model: nn.Module, optimizer, osd: Mapping[str, Any]) -> None:
+    """The optimizer's own check of the state it is about to load (every tensor's dtype and shape,
+    the state format it was written in), run before the model is touched, so a refused optimizer
+    state leaves model and optimizer both as they were. Optimizers without one (torch's) are checked
+    by ``load_state_dict`` itself, which casts and copies but never indexes out of bounds."""
+    check = getattr(optimizer, "check_state_dict", None)
+    if not callable(check):
+        return
+    # FQN-keyed (as checkpoints hold it) -> the id-keyed form Optimizer.load_state_dict takes
+    ids: dict[str, int] = {}
+    groups = []
+    for saved_group in osd["param_groups"]:
+        group = dict(saved_group)
+        group["params"] = [ids.setdefault(fqn, len(ids)) for fqn in saved_group["params"]]
+        groups.append(group)
+    state = {ids[fqn]: st for fqn, st in osd["state"].items() if fqn in ids}
+    try:
+        check({"state": state, "param_groups": groups})
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {str(path)!r}: the optimizer state does not fit this optimizer: {e}") from e
 
 
 def _check_optimizer_fits(path: Path, saved: Mapping[str, Any], model: nn.Module, optimizer) -> None:
@@ -1036,8 +1069,6 @@ def _load_dcp(path: Path, model, optimizer, scheduler, *, restore_rng: bool, str
     except Exception as e:
         raise CheckpointError(f"checkpoint {str(path)!r} cannot be loaded into this model/optimizer: "
                               f"{type(e).__name__}: {e}") from e
-    # everything is read and checked: now modify
-    _load_model_state(model, target["model"], False)
     if optimizer is not None:
         state: dict[str, dict[str, Any]] = {}
         for key, v in target["optim"].items():
@@ -1048,9 +1079,16 @@ def _load_dcp(path: Path, model, optimizer, scheduler, *, restore_rng: bool, str
         for key, v in meta["optimizer"]["objects"].items():
             fqn, k = key.rsplit("/", 1)
             state.setdefault(fqn, {})[k] = v
-        _load_optimizer_state(model, optimizer, {"state": state, "param_groups": _restore_tuples(groups, optimizer)},
-                              False)
-        _restore_state_dtypes(model, optimizer, state)
+        osd = {"state": state, "param_groups": _restore_tuples(groups, optimizer)}
+        _check_optimizer_state(path, model, optimizer, osd)
+    # everything is read and checked: now modify
+    try:
+        _load_model_state(model, target["model"], False)
+        if optimizer is not None:
+            _load_optimizer_state(model, optimizer, osd, False)
+            _restore_state_dtypes(model, optimizer, state)
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {str(path)!r} does not fit the model or optimizer: {e}") from e
     if scheduler is not None:
         scheduler.load_state_dict(meta["scheduler"])
     if "rng" in target:

@@ -77,18 +77,19 @@ def load_model(config: str | None, seed: int = 0):
         raise CLIError(f"model config file {str(path)!r}: not a causal language model config ({e})") from None
 
 
-def load_corpus(data: str | None):
-    """The standard library's source text, or a user's text file (missing file: error naming it)."""
+def load_corpus(data: str | None, seq_len: int | None = None):
+    """The standard library's source text, or a user's text file (``--data``) holding at least
+    ``lowprec.data.min_text_bytes(seq_len)`` bytes (``None``: the demo model's sequence length).
+    A path that is missing, a directory, unreadable or too short for ``seq_len``-byte sequences is
+    a :class:`CLIError` naming the file."""
     from lowprec.data import stdlib_corpus, text_file_corpus
 
     if data is None:
         return stdlib_corpus()
     try:
-        return text_file_corpus(data)
-    except FileNotFoundError:
-        raise CLIError(f"data file {str(data)!r} does not exist") from None
-    except ValueError as e:
-        raise CLIError(str(e)) from None
+        return text_file_corpus(data, **({} if seq_len is None else {"seq_len": seq_len}))
+    except (OSError, ValueError) as e:  # each of text_file_corpus's messages names the file
+        raise CLIError(f"--data: {e}") from None
 
 
 def _max_positions(model) -> int | None:
@@ -173,7 +174,8 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     if args.resume and args.out is None:
         args.out = str(args.resume if Path(args.resume).is_dir() else Path(args.resume).parent.parent)
     recipe = resolve(args.recipe)  # a bad recipe fails before any data or model is loaded
-    corpus = load_corpus(args.data)
+    _check_lr_override(recipe, args.lr)
+    corpus = load_corpus(args.data, args.seq_len)
     rank, world = 0, 1
     if _world()[1] > 1:
         dist = require("lowprec.distributed", what=f"distributed training (WORLD_SIZE={_world()[1]})")
@@ -207,14 +209,15 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
             result = train(model, optimizer, corpus, config, progress=not args.no_progress and rank == 0,
                            desc=f"train {recipe.name}", checkpoint_dir=ck_dir,
                            checkpoint_every=args.checkpoint_every,
-                           resume_from=find_checkpoint(args.resume) if args.resume else None)
+                           resume_from=find_checkpoint(args.resume) if args.resume else None,
+                           settings=_run_settings(args, corpus), allow_changes=args.allow_change)
         except KeyboardInterrupt:
             if rank == 0:
                 _report_interrupt(run_dir, ck_dir)
             return EXIT_INTERRUPTED
         except ValueError as e:
             if args.resume and str(e).startswith("cannot resume"):
-                raise CLIError(f"{e} (give --resume the options the run was started with)") from None
+                raise CLIError(str(e)) from None
             raise
         state_bytes = total_state_bytes = runs.optimizer_state_bytes(optimizer)  # this rank's (its shard under FSDP)
         if world > 1:  # a collective: every rank takes part before the non-zero ranks leave
@@ -242,10 +245,24 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     if result.checkpoints:
         files.append(Path(result.checkpoints[-1]))
     status = f"diverged at step {result.diverged_at}" if result.diverged_at is not None else "done"
+    skipped = result.skipped_steps
+    where = f" (non-finite gradients at step {', '.join(map(str, skipped[:10]))}{'...' if len(skipped) > 10 else ''})"
     print(f"{status}: final validation loss {result.final_val_loss:.4f} nats/byte, "
-          f"median step {result.median_step_time_s * 1e3:.0f} ms, optimizer state {state_bytes / 2**20:.2f} MiB")
+          f"median step {result.median_step_time_s * 1e3:.0f} ms, optimizer state {state_bytes / 2**20:.2f} MiB, "
+          f"skipped steps {len(skipped)}{where if skipped else ''}, FP8 non-finite inputs {result.nonfinite_inputs}")
     _finish(run_dir, files)
     return 1 if result.diverged_at is not None else 0
+
+
+def _run_settings(args: argparse.Namespace, corpus) -> dict:
+    """The command-line settings a ``--resume`` must repeat, beyond what :func:`lowprec.training.run_settings`
+    takes from the loop's config and the optimizer: the data, the model config and the bit plan
+    (their contents, so a renamed copy of the same file is the same run)."""
+    from lowprec.recipes import load_plan
+
+    model_config = json.loads(Path(args.config).read_text()) if args.config else None
+    return {"data": corpus.source, "model_config": model_config,
+            "plan": load_plan(args.plan) if args.plan else None}
 
 
 def _convert_quiet(model, recipe, plan):
@@ -290,6 +307,39 @@ def load_checkpoint(path: str | Path, model, optimizer=None) -> int:
     return int(meta["step"])
 
 
+def _int_at_least(low: int):
+    """An argparse type: an integer >= ``low`` (a count of steps, bytes, batches, processes)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    parse.__name__ = "integer"  # argparse names the type in its messages
+    return parse
+
+
+_positive = _int_at_least(1)
+_non_negative = _int_at_least(0)
+
+
+def _check_lr_override(recipe, lr: float | None) -> None:
+    """``--lr`` obeys the recipe schema's range for ``optimizer.lr`` (with the recipe's weight decay)."""
+    if lr is None:
+        return
+    import dataclasses
+
+    from lowprec.recipes import RecipeError
+
+    try:
+        dataclasses.replace(recipe.optimizer, lr=lr)
+    except RecipeError as e:
+        raise CLIError(f"--lr {lr!r}: {getattr(e, 'problem', e)}") from None
+
+
 def _parse_bits(text: str) -> tuple[int, ...]:
     try:
         bits = tuple(int(b) for b in text.split(","))
@@ -311,7 +361,7 @@ def cmd_sensitivity(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     from lowprec.recipes import resolve
 
     recipe = resolve(args.recipe) if args.recipe else None
-    corpus = load_corpus(args.data)
+    corpus = load_corpus(args.data, args.seq_len)
     model = load_model(args.config, seed=args.seed)
     _check_seq_len(model, args.seq_len)
     if recipe is not None:
@@ -360,7 +410,7 @@ def cmd_inspect(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
         fwd, bwd, scaling = numerics.formats_for(recipe, args.format, args.grad_format, args.scaling)
     except ValueError as e:
         raise CLIError(str(e)) from None
-    corpus = load_corpus(args.data)
+    corpus = load_corpus(args.data, args.seq_len)
     model = load_model(args.config, seed=args.seed)
     _check_seq_len(model, args.seq_len)
     if recipe is not None:
@@ -517,8 +567,8 @@ def _add_model_data(p: argparse.ArgumentParser, *, batch_size: int, seq_len: int
                    "causal LM from (default: the built-in demo Llama: 4 layers, hidden 256)")
     g.add_argument("--data", metavar="FILE", help="a text file to train on, read as bytes; the last 10%% is "
                    "validation (default: the Python standard library's source, every 10th file validation)")
-    g.add_argument("--batch-size", type=int, default=batch_size, help="sequences per batch (default %(default)s)")
-    g.add_argument("--seq-len", type=int, default=seq_len, help="bytes per sequence (default %(default)s)")
+    g.add_argument("--batch-size", type=_positive, default=batch_size, help="sequences per batch (default %(default)s)")
+    g.add_argument("--seq-len", type=_positive, default=seq_len, help="bytes per sequence (default %(default)s)")
     g.add_argument("--seed", type=int, default=0, help="model init and data order seed (default %(default)s)")
 
 
@@ -544,8 +594,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "with torch AdamW and under the unit-fp8 recipe with AdamW4bit, print the "
                                    "side-by-side table (validation loss, optimizer-state memory, step time), "
                                    "write loss_curves.png, then score layer sensitivity and write a bit plan.")
-    p.add_argument("--steps", type=int, default=300, help="training steps per run (default %(default)s)")
-    p.add_argument("--batch-size", type=int, default=16, help="sequences of 128 bytes per step (default %(default)s)")
+    p.add_argument("--steps", type=_positive, default=300, help="training steps per run (default %(default)s)")
+    p.add_argument("--batch-size", type=_positive, default=16, help="sequences of 128 bytes per step (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed for both runs (default %(default)s)")
     p.add_argument("--sensitivity-method", default="measured", choices=("measured", "pqi", "hawq"),
                    help="scorer for the bit plan (default %(default)s, the fastest)")
@@ -562,19 +612,22 @@ def build_parser() -> argparse.ArgumentParser:
                                    "--nproc-per-node N -m lowprec train RECIPE ...).")
     p.add_argument("recipe", metavar="RECIPE", help="a shipped recipe name (lowprec recipes) or a path to a .toml file")
     _add_model_data(p, batch_size=16)
-    p.add_argument("--steps", type=int, default=200, help="training steps (default %(default)s)")
+    p.add_argument("--steps", type=_positive, default=200, help="training steps (default %(default)s)")
     p.add_argument("--lr", type=float, help="base learning rate (default: the recipe's [optimizer] lr)")
     p.add_argument("--optimizer", choices=("AdamW", "AdamW4bit", "AdamW8bit", "AdamWFp8"),
                    help="override the recipe's optimizer")
     p.add_argument("--plan", metavar="PLAN.json", help="a bit plan (from lowprec sensitivity) for per-layer QAT")
-    p.add_argument("--eval-every", type=int, default=50, help="validation every N steps (default %(default)s)")
-    p.add_argument("--eval-batches", type=int, default=8, help="validation batches (default %(default)s)")
-    p.add_argument("--checkpoint-every", type=int, default=50, metavar="N",
+    p.add_argument("--eval-every", type=_positive, default=50, help="validation every N steps (default %(default)s)")
+    p.add_argument("--eval-batches", type=_positive, default=8, help="validation batches (default %(default)s)")
+    p.add_argument("--checkpoint-every", type=_non_negative, default=50, metavar="N",
                    help="write RUNDIR/checkpoints/step-N.pt every N steps, atomically, keeping the last 2 "
                    "(default %(default)s; 0: only at the end)")
     p.add_argument("--resume", metavar="PATH", help="continue a run from its checkpoint (a run directory or "
-                   "checkpoint); the same options must be given (the data order depends on them)")
-    p.add_argument("--nproc", type=int, default=1, metavar="N", help="processes for data-parallel training (torchrun)")
+                   "checkpoint); the recipe and options must be the run's (each difference is listed)")
+    p.add_argument("--allow-change", action="append", default=[], metavar="NAME",
+                   help="with --resume: accept this difference from the checkpoint's run on purpose, a run "
+                   "setting (steps, optimizer.lr, ...) or a recipe field (recipe.cast.margin, ...); repeatable")
+    p.add_argument("--nproc", type=_positive, default=1, metavar="N", help="processes for data-parallel training (torchrun)")
     p.add_argument("--strategy", choices=("ddp", "fsdp"), default="ddp",
                    help="data parallelism under torchrun: DDP or FSDP2 fully_shard (default %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -589,13 +642,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_data(p, batch_size=8)
     p.add_argument("--recipe", help="convert the model with this recipe before scoring")
     p.add_argument("--checkpoint", metavar="PATH", help="weights to score: a run directory or checkpoint from lowprec train")
-    p.add_argument("--train-steps", type=int, default=0, help="train this many fp32 AdamW steps before scoring")
+    p.add_argument("--train-steps", type=_non_negative, default=0, help="train this many fp32 AdamW steps before scoring")
     p.add_argument("--method", default="pqi", choices=("pqi", "measured", "hawq"), help="scorer (default %(default)s)")
     p.add_argument("--bits", type=_parse_bits, default=(2, 3, 4, 8), help="candidate bit widths (default 2,3,4,8)")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--avg-bits", type=float, default=4.0, help="average bits per weight (default %(default)s)")
-    budget.add_argument("--size-budget-bytes", type=int, help="total weight bytes allowed instead of --avg-bits")
-    p.add_argument("--batches", type=int, default=2, help="batches the scorer averages over (default %(default)s)")
+    budget.add_argument("--size-budget-bytes", type=_positive, help="total weight bytes allowed instead of --avg-bits")
+    p.add_argument("--batches", type=_positive, default=2, help="batches the scorer averages over (default %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_out(p, "sensitivity")
     p.set_defaults(func=cmd_sensitivity)

@@ -11,14 +11,18 @@ the batches an uninterrupted single-process run would.
 from __future__ import annotations
 
 import functools
+import math
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from lowprec.models import DEMO_SEQ_LEN
+
 VOCAB_SIZE = 256  # byte-level tokens
 VALIDATION_EVERY = 10  # every 10th file (by sorted path) is validation
+VAL_FRACTION = 0.1  # a user's text file: the last 10% is validation (`lowprec train --data`)
 
 
 @dataclass(frozen=True)
@@ -58,16 +62,61 @@ def stdlib_corpus(max_bytes: int | None = 4_000_000) -> TextCorpus:
     return TextCorpus(_as_tokens(train), _as_tokens(val), source=str(root))
 
 
-def text_file_corpus(path: str | Path, val_fraction: float = 0.1) -> TextCorpus:
-    """A user's text file as bytes; the last ``val_fraction`` of it is validation."""
+def split_sizes(n_bytes: int, val_fraction: float) -> tuple[int, int]:
+    """``(train, validation)`` byte counts of a ``n_bytes`` text file split by :func:`text_file_corpus`."""
+    cut = int(n_bytes * (1 - val_fraction))
+    return cut, n_bytes - cut
+
+
+def window_bytes(seq_len: int) -> int:
+    """The fewest tokens a split needs for ``seq_len``-token batches: :func:`batch_at` and
+    :func:`eval_batches` draw windows of ``seq_len + 1`` tokens (inputs and shifted targets) and
+    need more tokens than one window, so ``seq_len + 2``."""
+    return seq_len + 2
+
+
+def min_text_bytes(seq_len: int, val_fraction: float = VAL_FRACTION) -> int:
+    """The smallest text file :func:`text_file_corpus` accepts for ``seq_len``: both its training
+    and its validation split (the last ``val_fraction``) hold :func:`window_bytes` tokens."""
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be at least 1; got {seq_len}")
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1); got {val_fraction}")
+    need = window_bytes(seq_len)
+    # Both splits grow by 0 or 1 byte per byte of file, so the first size where both hold `need`
+    # is the minimum. Start below it: a split of fraction f holds at most n*f + 1 bytes.
+    n = max(2 * need, *(math.floor((need - 1) / f) - 2 for f in (val_fraction, 1 - val_fraction)))
+    while min(split_sizes(n, val_fraction)) < need:
+        n += 1
+    return n
+
+
+def text_file_corpus(path: str | Path, val_fraction: float = VAL_FRACTION, seq_len: int = DEMO_SEQ_LEN) -> TextCorpus:
+    """A user's text file as bytes; the last ``val_fraction`` of it is validation.
+
+    The file must hold :func:`min_text_bytes` ``(seq_len, val_fraction)`` bytes, so that both
+    splits give ``seq_len``-token batches. Raises ``FileNotFoundError`` / ``IsADirectoryError`` /
+    ``OSError`` for a path that is missing, a directory, not a regular file or unreadable, and
+    ``ValueError`` for a file too small; each message names the file.
+    """
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        raise IsADirectoryError(f"text file {str(path)!r} is a directory, not a text file")
+    if not path.exists():
         raise FileNotFoundError(f"text file {str(path)!r} does not exist")
-    data = path.read_bytes()
-    if len(data) < 1024:
-        raise ValueError(f"text file {str(path)!r} has {len(data)} bytes; at least 1024 are needed to train")
-    cut = int(len(data) * (1 - val_fraction))
-    return TextCorpus(_as_tokens([data[:cut]]), _as_tokens([data[cut:]]), source=str(path))
+    if not path.is_file():  # a FIFO or device: reading it could block or never end
+        raise OSError(f"text file {str(path)!r} is not a regular file")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise OSError(f"text file {str(path)!r} cannot be read: {e.strerror or e}") from None
+    need = min_text_bytes(seq_len, val_fraction)
+    if len(data) < need:
+        raise ValueError(f"text file {str(path)!r} has {len(data):,} bytes; at least {need:,} are needed for "
+                         f"sequences of {seq_len} bytes (the last {val_fraction:.0%} is validation, and each split "
+                         f"needs seq_len + 2 = {window_bytes(seq_len)} bytes)")
+    train, _ = split_sizes(len(data), val_fraction)
+    return TextCorpus(_as_tokens([data[:train]]), _as_tokens([data[train:]]), source=str(path))
 
 
 def batch_at(

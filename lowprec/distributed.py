@@ -277,7 +277,7 @@ def run(
         schedule=schedule or (ocfg.schedule if ocfg else "cosine"),
         eval_every=eval_every, eval_batches=eval_batches, grad_clip=grad_clip,
     )
-    corpus = text_file_corpus(text_file) if text_file else stdlib_corpus()
+    corpus = text_file_corpus(text_file, seq_len=seq_len) if text_file else stdlib_corpus()
     result = train(model, opt, corpus, config, progress=progress, desc=f"rank{rank}",
                    checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
                    checkpoint_format=checkpoint_format, resume_from=resume_from, stop_after=stop_after)

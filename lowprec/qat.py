@@ -37,14 +37,23 @@ from torch.nn.utils import parametrize
 from lowprec.formats import fake_quantize, int_format
 
 
-def check_bits(bits: Any, where: str = "bits") -> int:
-    """A bit width the format layer supports (``lowprec.formats.int_format``: 2..16), else a ValueError."""
+def bits_problem(bits: Any) -> str | None:
+    """Why ``bits`` is not a bit width the format layer supports (``lowprec.formats.int_format``:
+    2..16), or None when it is."""
     if isinstance(bits, bool) or not isinstance(bits, int):
-        raise ValueError(f"{where}: a bit width must be an integer, got {type(bits).__name__} {bits!r}")
+        return f"a bit width must be an integer, got {type(bits).__name__} {bits!r}"
     try:
         int_format(bits)
     except ValueError as e:
-        raise ValueError(f"{where}: bit width {bits} is not supported by lowprec.formats ({e})") from None
+        return f"bit width {bits} is not supported by lowprec.formats ({e})"
+    return None
+
+
+def check_bits(bits: Any, where: str = "bits") -> int:
+    """A bit width the format layer supports (see :func:`bits_problem`), else a ValueError."""
+    problem = bits_problem(bits)
+    if problem is not None:
+        raise ValueError(f"{where}: {problem}")
     return bits
 
 
@@ -143,6 +152,32 @@ def planned_bits(module: nn.Module) -> int | None:
     return None if p is None else p.bits
 
 
+def unknown_plan_names(model: nn.Module, plan: Mapping[str, Any]) -> list[str]:
+    """The names in ``plan`` that are not qualified module names of ``model`` (the model itself,
+    ``""``, is not a plannable layer), in plan order."""
+    modules = dict(model.named_modules())
+    return [n for n in plan if n == "" or n not in modules]
+
+
+def plan_problems(model: nn.Module, plan: Mapping[str, Any]) -> dict[str, str]:
+    """What keeps each known entry of ``plan`` from applying (module name -> why): a bit width
+    :func:`bits_problem` rejects, or a module without a weight of 2 or more dims. Unknown names
+    are :func:`unknown_plan_names`' business. Checks only: changes nothing."""
+    modules = dict(model.named_modules())
+    problems = {}
+    for name, bits in plan.items():
+        if name not in modules or name == "":
+            continue
+        problem = bits_problem(bits)
+        w = getattr(modules[name], "weight", None)
+        if problem is None and (not isinstance(w, torch.Tensor) or w.dim() < 2):
+            shape = None if not isinstance(w, torch.Tensor) else tuple(w.shape)
+            problem = f"{type(modules[name]).__name__} has no weight with 2+ dims (weight shape {shape})"
+        if problem is not None:
+            problems[name] = problem
+    return problems
+
+
 def apply_plan(
     model: nn.Module, plan: Mapping[str, int], recipe: Any = None, report: Any = None, *, method: str | None = None
 ) -> nn.Module:
@@ -161,23 +196,13 @@ def apply_plan(
     qformat = getattr(getattr(recipe, "qat", None), "format", "int")
     if qformat != "int":
         raise ValueError(f"recipe qat.format {qformat!r} is not supported; only 'int' (symmetric per-output-channel INT-k)")
-    modules = dict(model.named_modules())
-    unknown = [n for n in plan if n not in modules or n == ""]
+    unknown = unknown_plan_names(model, plan)
     if unknown:
         raise KeyError(f"plan names modules that the model does not have: {', '.join(map(repr, unknown))}")
-    problems = []
-    for name, bits in plan.items():
-        try:
-            check_bits(bits, where=f"plan[{name!r}]")
-        except ValueError as e:
-            problems.append(str(e))
-            continue
-        w = getattr(modules[name], "weight", None)
-        if not isinstance(w, torch.Tensor) or w.dim() < 2:
-            shape = None if not isinstance(w, torch.Tensor) else tuple(w.shape)
-            problems.append(f"plan[{name!r}]: module {type(modules[name]).__name__} has no weight with 2+ dims (weight shape {shape})")
+    problems = plan_problems(model, plan)
     if problems:
-        raise ValueError("cannot apply the plan: " + "; ".join(problems))
+        raise ValueError("cannot apply the plan: " + "; ".join(f"plan[{n!r}]: {p}" for n, p in problems.items()))
+    modules = dict(model.named_modules())
     for name, bits in plan.items():
         module = modules[name]
         if recipe is not None and hasattr(recipe, "excluded") and recipe.excluded(name):

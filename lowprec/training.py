@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
+import warnings
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,42 @@ class TrainConfig:
     grad_clip: float | None = 1.0
 
 
+# TrainConfig fields that only decide what is measured, not what is trained: free to change on resume
+_MEASUREMENT_ONLY = ("eval_every", "eval_batches")
+
+
+def run_settings(config: TrainConfig, optimizer: torch.optim.Optimizer,
+                 extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What a resumed run must repeat to continue the same run: the ``config`` fields that shape
+    training, the optimizer's class and its constructor hyperparameters, and ``extra``."""
+    out: dict[str, Any] = {k: v for k, v in vars(config).items() if k not in _MEASUREMENT_ONLY}
+    out["optimizer"] = type(optimizer).__name__
+    for k in ("lr", "betas", "eps", "weight_decay"):
+        if k in optimizer.defaults:
+            v = optimizer.defaults[k]
+            out[f"optimizer.{k}"] = float(v) if isinstance(v, torch.Tensor) else v
+    out.update(extra or {})
+    return out
+
+
+def _apply_allowed_changes(optimizer: torch.optim.Optimizer, sched: Any, wanted: list[dict[str, Any]],
+                           allow_changes: Iterable[str]) -> None:
+    """Loading a checkpoint restores its hyperparameters; put back the ones the caller changed on
+    purpose (``optimizer.lr`` and friends in ``allow_changes``), the learning rate at this run's
+    base rate and the schedule's current point."""
+    names = {n.split(".", 1)[1] for n in allow_changes if n.startswith("optimizer.")}
+    for group, want in zip(optimizer.param_groups, wanted):
+        for k in names - {"lr"}:
+            if k in want:
+                group[k] = want[k]
+    if "lr" in names:
+        sched.base_lrs = [w.get("initial_lr", w["lr"]) for w in wanted]
+        for group, base, fn in zip(optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+            group["initial_lr"] = base
+            group["lr"] = base * fn(sched.last_epoch)
+        sched._last_lr = [g["lr"] for g in optimizer.param_groups]
+
+
 @dataclass
 class TrainResult:
     train_loss: list[float] = field(default_factory=list)  # one per step
@@ -137,6 +174,9 @@ class TrainResult:
     grad_norm: list[float] = field(default_factory=list)  # total gradient norm before clipping, per step
     start_step: int = 0  # > 0 when the run resumed from a checkpoint: train_loss[i] is step start_step + i
     checkpoints: list[str] = field(default_factory=list)  # paths written, oldest first
+    skipped_steps: list[int] = field(default_factory=list)  # steps not applied: a gradient held NaN or Inf
+    nonfinite_grads: list[int] = field(default_factory=list)  # per step: parameters whose gradient held NaN/Inf
+    nonfinite_inputs: int = 0  # FP8 GEMM operands with NaN/Inf during this run (Fp8Gemm.nonfinite_inputs, summed)
 
     @property
     def final_val_loss(self) -> float:
@@ -152,7 +192,8 @@ class TrainResult:
                     diverged_at=self.diverged_at, final_val_loss=self.final_val_loss,
                     median_step_time_s=self.median_step_time_s, start_step=self.start_step,
                     grad_norm=self.grad_norm,
-                    checkpoints=self.checkpoints)
+                    checkpoints=self.checkpoints, skipped_steps=self.skipped_steps,
+                    nonfinite_grads=self.nonfinite_grads, nonfinite_inputs=self.nonfinite_inputs)
 
 
 def train(
@@ -170,10 +211,22 @@ def train(
     checkpoint_format: str = "auto",
     resume_from: str | Path | None = None,
     stop_after: int | None = None,
+    settings: Mapping[str, Any] | None = None,
+    allow_changes: Iterable[str] = (),
 ) -> TrainResult:
     """Train ``model`` for ``config.steps`` steps on ``corpus`` and return the curves.
 
     Stops early (recording ``diverged_at``) when the training loss is not finite.
+
+    Non-finite gradients: when any gradient holds NaN or Inf after ``backward`` (checked before
+    clipping, which would spread one NaN to every parameter, and agreed by all ranks), the whole
+    step is skipped, as torch.amp's ``GradScaler`` does: no ``optimizer.step()`` (weights, moments
+    and the optimizer's step count stay bit-for-bit as they were, for ``torch.optim.AdamW`` and the
+    quantized optimizers alike), gradients zeroed, but the step still consumes its batch and
+    advances the LR schedule, so the LR and the data stay functions of the step index (a resumed
+    run matches an uninterrupted one). ``TrainResult.skipped_steps`` lists the skipped steps,
+    ``nonfinite_grads`` counts the offending parameters per step, ``nonfinite_inputs`` the FP8
+    operands with NaN/Inf this run; the progress bar shows both counts.
 
     Checkpoints (:mod:`lowprec.checkpoint`): with ``checkpoint_dir``, a checkpoint is written
     every ``checkpoint_every`` steps (0: only at the end) and at the last step run, keeping the
@@ -182,6 +235,12 @@ def train(
     ``latest`` is used) restores model, optimizer, LR schedule and RNG and continues at the saved
     step; ``stop_after=k`` stops after step k as if interrupted (the LR schedule still spans
     ``config.steps``). ``model`` may be wrapped by :mod:`lowprec.distributed` (DDP or FSDP2).
+
+    A resume repeats the run it continues: every checkpoint records the model's whole recipe and
+    the run settings (:func:`run_settings`: the ``config`` fields that shape training, the
+    optimizer's class and hyperparameters, and the caller's ``settings``, e.g. the data source),
+    and ``resume_from`` refuses a run that differs in any of them, listing each difference
+    (:class:`lowprec.checkpoint.ResumeMismatch`), except the names in ``allow_changes``.
     """
     from lowprec import checkpoint as ckpt
 
@@ -191,17 +250,15 @@ def train(
     val = eval_batches(corpus.val, config.eval_batches, config.batch_size, config.seq_len)
     result = TrainResult()
     data_position = {"seed": config.seed, "batch_size": config.batch_size, "seq_len": config.seq_len}
+    settings = run_settings(config, optimizer, settings)
     start = 0
     if resume_from is not None:
         path = Path(resume_from)
         if path.is_dir() and (path / ckpt.LATEST_NAME).is_file():
             path = ckpt.latest(path)
-        meta = ckpt.load(path, model, optimizer, scheduler=sched)
-        for key, value in data_position.items():
-            saved = meta["data"].get(key)
-            if saved is not None and saved != value:
-                raise ValueError(f"cannot resume from {str(path)!r}: it was trained with {key}={saved}, this run has "
-                                 f"{key}={value}; the data order would differ")
+        wanted = [dict(g) for g in optimizer.param_groups]
+        meta = ckpt.load(path, model, optimizer, scheduler=sched, settings=settings, allow_changes=allow_changes)
+        _apply_allowed_changes(optimizer, sched, wanted, allow_changes)
         start = int(meta["step"])
         result.start_step = start
     end = config.steps if stop_after is None else min(config.steps, stop_after)
@@ -211,23 +268,22 @@ def train(
 
         steps = tqdm(steps, desc=desc, leave=False, initial=start, total=end)
     model.train()
+    fp8_before = fp8_nonfinite_inputs(model)
     for step in steps:
         x, y = batch_at(corpus.train, step, config.batch_size, config.seq_len, config.seed, rank=rank, world_size=world)
         t0 = time.perf_counter()
         loss = lm_loss(model, x, y)
         loss.backward()
-        if config.grad_clip is not None:
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            full = getattr(norm, "full_tensor", None)  # FSDP2: a DTensor
-            result.grad_norm.append(float(full() if callable(full) else norm))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        sched.step()
+        _apply_or_skip(model, optimizer, config.grad_clip, step, result)
+        _advance(sched)  # also on a skipped step: the LR is a function of the step index
         result.step_time_s.append(time.perf_counter() - t0)
         value = _global_mean(loss.detach(), world)
         result.train_loss.append(value)
         if on_step is not None:
             on_step(step, value)
+        if callable(getattr(steps, "set_postfix", None)):  # the tqdm bar
+            steps.set_postfix(skipped=len(result.skipped_steps),
+                              nonfinite_inputs=fp8_nonfinite_inputs(model) - fp8_before, refresh=False)
         if not math.isfinite(value):
             result.diverged_at = step
             break
@@ -235,10 +291,81 @@ def train(
             result.val_loss.append((step + 1, evaluate(model, val)))
         if checkpoint_dir is not None and (step + 1 == end or (checkpoint_every and (step + 1) % checkpoint_every == 0)):
             path = ckpt.save_to_run(checkpoint_dir, model, optimizer, step=step + 1, scheduler=sched,
-                                    data=data_position, keep_last=keep_checkpoints,
+                                    data=data_position, settings=settings, keep_last=keep_checkpoints,
                                     format=checkpoint_format)
             result.checkpoints.append(str(path))
+    result.nonfinite_inputs = _max_over_ranks(fp8_nonfinite_inputs(model) - fp8_before, world)
     return result
+
+
+def _apply_or_skip(model: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float | None, step: int,
+                   result: TrainResult) -> None:
+    """Clip and apply this step's gradients, or skip the update when any gradient is not finite
+    (recorded in ``result``); the gradients are zeroed either way. See :func:`train`."""
+    bad = nonfinite_grad_count(model)
+    result.nonfinite_grads.append(bad)
+    if bad:
+        result.skipped_steps.append(step)
+        if grad_clip is not None:
+            result.grad_norm.append(math.nan)  # keeps grad_norm one entry per step
+    else:
+        if grad_clip is not None:
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            full = getattr(norm, "full_tensor", None)  # FSDP2: a DTensor
+            result.grad_norm.append(float(full() if callable(full) else norm))
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _advance(sched: torch.optim.lr_scheduler.LRScheduler) -> None:
+    """``sched.step()``, without torch's "lr_scheduler.step() before optimizer.step()" warning when
+    the first step was skipped: that step's LR was meant to go unused, nothing is lost."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before", category=UserWarning)
+        sched.step()
+
+
+def _local_shard(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (FSDP2), or the tensor itself."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
+
+
+def nonfinite_grad_count(model: nn.Module) -> int:
+    """How many of ``model``'s parameters hold a gradient with NaN or Inf, the same on every rank.
+
+    One read of the gradients and one host sync. Under torch.distributed the count is the maximum
+    over ranks (one all-reduce): DDP's gradients are already averaged, so every rank counts the
+    same; FSDP2's are sharded DTensors, checked shard by shard (as the quantized optimizers'
+    ``_all_finite`` does), and a NaN shows only on the rank owning it, so the maximum is what makes
+    every rank skip the same steps.
+    """
+    params = list(model.parameters())
+    grads = [_local_shard(p.grad) for p in params if p.grad is not None]
+    device = grads[0].device if grads else (params[0].device if params else torch.device("cpu"))
+    flags = [torch.isfinite(g).all().logical_not().to(device) for g in grads]
+    bad = torch.stack(flags).sum() if flags else torch.zeros((), dtype=torch.int64, device=device)
+    return _max_over_ranks(bad, _world()[1])
+
+
+def fp8_nonfinite_inputs(model: nn.Module) -> int:
+    """FP8 GEMM operands seen with NaN or Inf so far: every module's ``nonfinite_inputs`` buffer
+    (:class:`lowprec.fp8.fp8_gemm.Fp8Gemm`; per role) summed over the model. 0 without FP8."""
+    counts = [b.sum() for m in model.modules() if isinstance(b := m._buffers.get("nonfinite_inputs"), torch.Tensor)]
+    return int(torch.stack([c.to(counts[0].device) for c in counts]).sum()) if counts else 0  # one host sync
+
+
+def _max_over_ranks(value: int | torch.Tensor, world: int) -> int:
+    """``value`` as an int, the maximum over ranks under torch.distributed (every rank must call it)."""
+    if world == 1:
+        return int(value)
+    import torch.distributed as dist
+
+    t = value.detach().to(torch.int64).reshape(1) if isinstance(value, torch.Tensor) else torch.tensor([int(value)])
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
 
 
 def _global_mean(loss: torch.Tensor, world: int) -> float:

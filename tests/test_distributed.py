@@ -87,7 +87,8 @@ def runs(tmp_path_factory):
     model, o = _fresh(recipe, opt)
     sched = torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(2, STEPS))
     meta = ckpt.load(half_file, model, o, scheduler=sched)
-    ckpt.save(out / "single_dcp", model, o, step=meta["step"], scheduler=sched, data=meta["data"], format="dcp")
+    ckpt.save(out / "single_dcp", model, o, step=meta["step"], scheduler=sched, data=meta["data"],
+              settings=meta["settings"], format="dcp")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
@@ -160,9 +161,11 @@ def test_two_rank_checkpoint_loads_into_one_process_and_continues(runs, corpus):
 
     cfg = TrainConfig(steps=STEPS + 2, batch_size=BATCH, seq_len=SEQ, warmup_steps=2, eval_every=100, eval_batches=1)
     model, opt = fresh()
-    cont = train(model, opt, corpus, cfg, resume_from=two_rank)
+    # continuing a finished run for 2 more steps: a change of `steps` accepted on purpose
+    cont = train(model, opt, corpus, cfg, resume_from=two_rank, allow_changes=["steps"])
     model, opt = fresh()
-    ref = train(model, opt, corpus, cfg, resume_from=runs["out"] / "single_ckpt" / f"step-{STEPS:07d}.pt")
+    ref = train(model, opt, corpus, cfg, resume_from=runs["out"] / "single_ckpt" / f"step-{STEPS:07d}.pt",
+                allow_changes=["steps"])
     assert cont.start_step == ref.start_step == STEPS and len(cont.train_loss) == 2
     worst = max(_rel(a, b) for a, b in zip(cont.train_loss, ref.train_loss))
     assert worst <= 1e-2, worst

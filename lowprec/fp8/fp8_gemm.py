@@ -13,6 +13,10 @@ State (all persistent buffers, so a checkpoint carries it and loads with
 ``scale``, ``amax_history`` (delayed scaling's window; length 1 otherwise), ``history_pos``,
 ``initialized``, ``last_amax``, ``kept_scale_events`` (a zero/non-finite amax kept the previous
 scale) and ``nonfinite_inputs`` (operands that held NaN or Inf; with ``debug=True`` they raise).
+Every buffer is state, and only state is a buffer: the formats' largest values (``fp8_max``) are
+derived from ``scaling`` when used, never stored, so a model converted on the meta device and
+materialised with ``to_empty()`` + ``load_state_dict`` has nothing left uninitialised. Without a
+checkpoint, :meth:`Fp8Gemm.reset_parameters` restores the initial state.
 
 Smooth-SwiGLU (``smooth=True``, set on a SwiGLU MLP's ``down_proj``): the input ``h`` is
 multiplied per input channel by a power of two ``s`` (``s_c ~ 1 / amax_c(h)``) before its cast
@@ -186,21 +190,48 @@ class Fp8Gemm(nn.Module):
         self.name = name
         self.group = group  # process group for the amax all-reduce (None: the default group)
         h = self.scaling.history_len if self.scaling.kind == "delayed" else 1
-        fmax = [self.scaling.fwd_format.max, self.scaling.fwd_format.max, self.scaling.bwd_format.max]
-        self.register_buffer("scale", torch.ones(3))
-        self.register_buffer("amax_history", torch.zeros(3, h))
-        self.register_buffer("history_pos", torch.zeros(3, dtype=torch.int64))
-        self.register_buffer("initialized", torch.zeros(3, dtype=torch.bool))
-        self.register_buffer("last_amax", torch.zeros(3))
-        self.register_buffer("kept_scale_events", torch.zeros(3, dtype=torch.int64))
-        self.register_buffer("nonfinite_inputs", torch.zeros(3, dtype=torch.int64))
-        self.register_buffer("fp8_max", torch.tensor(fmax), persistent=False)
+        self.register_buffer("scale", torch.empty(3))
+        self.register_buffer("amax_history", torch.empty(3, h))
+        self.register_buffer("history_pos", torch.empty(3, dtype=torch.int64))
+        self.register_buffer("initialized", torch.empty(3, dtype=torch.bool))
+        self.register_buffer("last_amax", torch.empty(3))
+        self.register_buffer("kept_scale_events", torch.empty(3, dtype=torch.int64))
+        self.register_buffer("nonfinite_inputs", torch.empty(3, dtype=torch.int64))
+        self._fp8_max_cache: tuple[tuple, torch.Tensor] | None = None  # (device and maxima, tensor)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Restore the initial scaling state in place: scales 1, empty amax history, no operand
+        seen, counters 0. (The name is torch's convention: FSDP's default ``param_init_fn`` calls it
+        on every module of a model materialised from the meta device without a checkpoint.)"""
+        self.scale.fill_(1.0)
+        self.amax_history.zero_()
+        self.history_pos.zero_()
+        self.initialized.fill_(False)
+        self.last_amax.zero_()
+        self.kept_scale_events.zero_()
+        self.nonfinite_inputs.zero_()
+
+    @property
+    def fp8_max(self) -> torch.Tensor:
+        """The largest finite value of each operand role's format (X, W: forward; dY: backward),
+        float32 on the state's device: what the delayed-scaling update divides by the amax.
+
+        A constant of ``scaling``, so not a buffer: a non-persistent buffer is neither saved nor
+        loaded, and ``to_empty()`` after a meta-device conversion left it holding garbage (NaN
+        losses from the second step under delayed scaling). Computed on first use per device."""
+        key = (self.scale.device, self.scaling.fwd_format.max, self.scaling.bwd_format.max)
+        if self._fp8_max_cache is None or self._fp8_max_cache[0] != key:
+            _, fwd, bwd = key
+            self._fp8_max_cache = (key, torch.tensor((fwd, fwd, bwd), dtype=torch.float32, device=key[0]))
+        return self._fp8_max_cache[1]
 
     def _apply(self, fn, recurse=True):
         """``model.to(torch.bfloat16)`` must not turn the scaling state into bf16: scales and amax
         histories stay float32 (moving devices still moves them)."""
         super()._apply(fn, recurse)
-        for name in ("scale", "amax_history", "last_amax", "fp8_max"):
+        for name in ("scale", "amax_history", "last_amax"):
             buf = getattr(self, name)
             if buf.dtype != torch.float32:
                 setattr(self, name, buf.float())

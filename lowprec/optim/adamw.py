@@ -17,6 +17,12 @@ with ``torch.compile``). State layout, per parameter
   normalised v: ``exp_avg_sq_codes``, ``exp_avg_sq_row``, ``exp_avg_sq_col``; factored v (no
   codes): ``exp_avg_sq_row``, ``exp_avg_sq_col`` (float32 EMAs of row / column means of g^2).
 
+``state_dict()`` adds to each parameter's saved state a ``state_format`` string recording the
+formats and layout it was written with (:meth:`QuantizedAdamW.state_format`; the live state stays
+tensors only). ``load_state_dict`` refuses a state without that record or with another one, and
+any tensor whose dtype or shape is not the one this optimizer creates
+(:meth:`QuantizedAdamW.state_spec`), before changing anything.
+
 DTensor parameters (FSDP2 ``fully_shard``): whether a tensor is quantized is decided on the
 *full* parameter's size, then each rank quantizes its local shard; states are the local shard's
 plain tensors (not DTensors), saved per rank.
@@ -29,8 +35,10 @@ raises instead.
 from __future__ import annotations
 
 import functools
+import math
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -49,9 +57,10 @@ from lowprec.optim.state_quant import (
     V_LINEAR4_B128,
     StateFormat,
     as_matrix,
+    codes_shape,
     num_blocks,
     to_blocks,
-    zero_state,
+    zero_code_byte,
 )
 
 # bitsandbytes and torchao keep float32 states below 4096 elements.
@@ -62,11 +71,59 @@ EMBEDDING_PATTERNS = (r"embed", r"\bwte\b", r"\bwpe\b")
 
 V_MODES = ("block", "rank1")
 
+# The per-parameter state entry recording the state's format (a string, so that it survives
+# torch.save / torch.load(weights_only=True) and DCP checkpoints as a plain value).
+STATE_FORMAT_KEY = "state_format"
+# Version tag of the state layout below; bump it when a layout changes meaning.
+STATE_FORMAT_TAG = "lowprec.QuantizedAdamW/1"
+# Param-group options that decide a parameter's state layout: a saved group must agree on them.
+LAYOUT_OPTIONS = ("min_quant_size", "v_mode", "factor_second_moment")
+
+
+@dataclass(frozen=True)
+class StateSlot:
+    """One tensor of a parameter's optimizer state, as :meth:`QuantizedAdamW._init_state` creates
+    it and :meth:`QuantizedAdamW.load_state_dict` requires it."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    codes_of: StateFormat | None = None  # uint8 codes of this format: start as the code of 0
+    device: str | None = None  # None: the (local) parameter's device
+
+    def new(self, param_device: torch.device) -> torch.Tensor:
+        """The initial tensor: codes of zeros, or zeros."""
+        device = self.device or param_device
+        if self.codes_of is not None:
+            return torch.full(self.shape, zero_code_byte(self.codes_of), dtype=torch.uint8, device=device)
+        return torch.zeros(self.shape, dtype=self.dtype, device=device)
+
+    def describe(self) -> str:
+        return f"a {self.dtype} tensor of shape {self.shape}"
+
+    def mismatch(self, value: Any) -> str | None:
+        """What is wrong with ``value`` as this slot's tensor (``None``: nothing)."""
+        if not isinstance(value, torch.Tensor) or hasattr(value, "device_mesh"):
+            return f"a {type(value).__name__}"
+        if value.layout != torch.strided or value.dtype != self.dtype or tuple(value.shape) != self.shape:
+            return f"a {value.dtype} tensor of shape {tuple(value.shape)}" + (
+                f" (layout {value.layout})" if value.layout != torch.strided else "")
+        return None
+
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     """The local shard of a DTensor, or the tensor itself."""
     to_local = getattr(t, "to_local", None)
     return to_local() if callable(to_local) else t
+
+
+def _layout_of(state: Mapping[str, Any]) -> str:
+    """The layout of a parameter's live state, read from its keys (as the step dispatches on it):
+    'fp32', or the v layout of quantized states ('block', 'rank1', 'factored')."""
+    if "exp_avg" in state:
+        return "fp32"
+    if "exp_avg_sq_absmax" in state:
+        return "block"
+    return "rank1" if "exp_avg_sq_codes" in state else "factored"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -201,35 +258,59 @@ class QuantizedAdamW(Optimizer):
             return "rank1"
         return "block"
 
-    def _init_state(self, p: torch.Tensor, name: str | None, group: dict[str, Any]) -> dict[str, Any]:
-        state = self.state[p]
+    def _layout(self, p: torch.Tensor, name: str | None, group: dict[str, Any]) -> str:
+        """'fp32', or for a quantized tensor the v layout (:meth:`_v_layout` of the local shard)."""
+        return "fp32" if self._keeps_fp32(p, name, group) else self._v_layout(_local(p), group)
+
+    def state_format(self, layout: str) -> str:
+        """The record of a state written by this optimizer in ``layout`` ('fp32', 'block', 'rank1'
+        or 'factored'): the layout version, both state formats and the layout. Two optimizers
+        whose records differ do not read each other's states (AdamW8bit and AdamWFp8 have the same
+        tensors but other maps)."""
+        return f"{STATE_FORMAT_TAG}:m={self.M_FORMAT.name},v={self.V_FORMAT.name},layout={layout}"
+
+    def state_spec(self, p: torch.Tensor, name: str | None, group: dict[str, Any]) -> tuple[str, dict[str, StateSlot]]:
+        """The state this optimizer keeps for ``p`` (named ``name``, in ``group``): its format record
+        and its tensors (``{key: StateSlot}``). The one place that decides the layout:
+        :meth:`_init_state` allocates from it and :meth:`load_state_dict` checks saved states
+        against it. Shapes are the local shard's for DTensor parameters."""
         local = _local(p)
-        dev = local.device
-        state["step"] = torch.tensor(0.0, dtype=torch.float32)
-        if self._keeps_fp32(p, name, group):
-            state["exp_avg"] = torch.zeros(local.shape, dtype=torch.float32, device=dev)
-            state["exp_avg_sq"] = torch.zeros(local.shape, dtype=torch.float32, device=dev)
-            return state
         n = local.numel()
-        state["exp_avg_codes"], state["exp_avg_absmax"] = zero_state(n, self.M_FORMAT, dev)
-        layout = self._v_layout(local, group)
+        layout = self._layout(p, name, group)
+        f32 = torch.float32
+        slots = {"step": StateSlot(f32, (), device="cpu")}
+        if layout == "fp32":
+            slots["exp_avg"] = StateSlot(f32, tuple(local.shape))
+            slots["exp_avg_sq"] = StateSlot(f32, tuple(local.shape))
+            return self.state_format(layout), slots
+        slots["exp_avg_codes"] = StateSlot(torch.uint8, codes_shape(n, self.M_FORMAT), self.M_FORMAT)
+        slots["exp_avg_absmax"] = StateSlot(f32, (num_blocks(n, self.M_FORMAT.block_size),))
+        if layout in ("block", "rank1"):
+            slots["exp_avg_sq_codes"] = StateSlot(torch.uint8, codes_shape(n, self.V_FORMAT), self.V_FORMAT)
         if layout == "block":
-            state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"] = zero_state(n, self.V_FORMAT, dev)
+            slots["exp_avg_sq_absmax"] = StateSlot(f32, (num_blocks(n, self.V_FORMAT.block_size),))
         else:
-            rows, cols = as_matrix(local.shape) if local.dim() >= 2 else (0, 0)
-            if layout == "rank1":
-                state["exp_avg_sq_codes"], _ = zero_state(n, self.V_FORMAT, dev)
-            state["exp_avg_sq_row"] = torch.zeros(rows, dtype=torch.float32, device=dev)
-            state["exp_avg_sq_col"] = torch.zeros(cols, dtype=torch.float32, device=dev)
+            rows, cols = as_matrix(local.shape)
+            slots["exp_avg_sq_row"] = StateSlot(f32, (rows,))
+            slots["exp_avg_sq_col"] = StateSlot(f32, (cols,))
+        return self.state_format(layout), slots
+
+    def _init_state(self, p: torch.Tensor, name: str | None, group: dict[str, Any]) -> dict[str, Any]:
+        _, slots = self.state_spec(p, name, group)
+        state = self.state[p]
+        device = _local(p).device
+        for key, slot in slots.items():
+            state[key] = slot.new(device)
         return state
 
     # ------------------------------------------------------------------------------------------
     # The step
     # ------------------------------------------------------------------------------------------
 
-    def _where(self, group_index: int, index: int, name: str | None, p: torch.Tensor) -> str:
-        """The parameter named in an error message."""
-        return f"{type(self).__name__} param group {group_index}, parameter {name or index} (shape {tuple(p.shape)})"
+    def _where(self, group_index: int, index: int, name: str | None, p: torch.Tensor, method: str = "") -> str:
+        """The parameter named in an error message (and the method raising it, if given)."""
+        who = f"{type(self).__name__}.{method}:" if method else type(self).__name__
+        return f"{who} param group {group_index}, parameter {name if name is not None else index} (shape {tuple(p.shape)})"
 
     @staticmethod
     def _check_grad(p: torch.Tensor, g: torch.Tensor, where: Callable[[], str]) -> None:
@@ -337,10 +418,11 @@ class QuantizedAdamW(Optimizer):
         step = state["step"]
         if not (n > 0 and self._c_kernel_takes(pl, g, dtypes) and step.dtype == torch.float32 and step.is_cpu):
             return None
-        if "exp_avg" in state:
+        layout = _layout_of(state)
+        if layout == "fp32":
             return "fp32"
         bs = self.M_FORMAT.block_size
-        if ("exp_avg_sq_absmax" in state and n % bs == 0 and state["exp_avg_absmax"].numel() == n // bs
+        if (layout == "block" and n % bs == 0 and state["exp_avg_absmax"].numel() == n // bs
                 and adamw_step_cpu.supports_formats(self.M_FORMAT, self.V_FORMAT)):
             return "blocks"
         return None
@@ -385,14 +467,15 @@ class QuantizedAdamW(Optimizer):
             return
         hp = F.hyperparams(lr, beta1, beta2, group["eps"], group["weight_decay"], step, device=pl.device)
         maximize = bool(group["maximize"])
-        if "exp_avg" in state:
+        layout = _layout_of(state)
+        if layout == "fp32":
             F.adamw_fp32_(pl, g, state["exp_avg"], state["exp_avg_sq"], hp, maximize)
             return
         mf, vf = self.M_FORMAT, self.V_FORMAT
         mc, ma = state["exp_avg_codes"], state["exp_avg_absmax"]
-        if "exp_avg_sq_absmax" in state:
+        if layout == "block":
             self._step_blocks(pl, g, mc, ma, state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"], hp, maximize)
-        elif "exp_avg_sq_codes" in state:
+        elif layout == "rank1":
             args = (pl, g, mc, ma, state["exp_avg_sq_codes"], state["exp_avg_sq_row"], state["exp_avg_sq_col"], hp,
                     mf, vf, maximize)
             if self._c_kernel_takes(pl, g, self._c_kernel_dtypes()) and adamw_step_cpu.supports_formats(mf, vf):
@@ -412,9 +495,8 @@ class QuantizedAdamW(Optimizer):
         direct = p.is_contiguous() and g.is_contiguous() and n % bs == 0
         p2 = p.view(-1, bs) if direct else to_blocks(p, bs).to(p.dtype)
         g2 = g.view(-1, bs) if direct else to_blocks(g, bs).to(g.dtype)
-        if num_blocks(n, bs) != ma.numel():
-            raise RuntimeError(f"{type(self).__name__}: state has {ma.numel()} blocks, parameter needs "
-                               f"{num_blocks(n, bs)} (state loaded for another parameter or block size?)")
+        self._check_block_states(n, p.device, {"exp_avg_codes": mc, "exp_avg_absmax": ma, "exp_avg_sq_codes": vc,
+                                                "exp_avg_sq_absmax": va})
         backend = choose_backend(p2, g2, kernel="adamw_step")
         if backend == "triton":
             from lowprec.kernels.adamw_step import adamw_blocks_triton_
@@ -429,23 +511,149 @@ class QuantizedAdamW(Optimizer):
         if not direct:
             p.copy_(p2.reshape(-1)[:n].view(p.shape))
 
+    def _check_block_states(self, n: int, device: torch.device, states: dict[str, torch.Tensor]) -> None:
+        """Raise ``RuntimeError`` unless the block states of an ``n``-element parameter are
+        contiguous tensors on its device with the dtype and size :meth:`state_spec` gives them: the
+        Triton kernel trusts them (a state edited in place after load_state_dict's check)."""
+        nb = num_blocks(n, self.M_FORMAT.block_size)
+        want = {"exp_avg_codes": (torch.uint8, math.prod(codes_shape(n, self.M_FORMAT))),
+                "exp_avg_sq_codes": (torch.uint8, math.prod(codes_shape(n, self.V_FORMAT))),
+                "exp_avg_absmax": (torch.float32, nb), "exp_avg_sq_absmax": (torch.float32, nb)}
+        for key, t in states.items():
+            dtype, numel = want[key]
+            if t.dtype != dtype or t.numel() != numel or t.device != device or not t.is_contiguous():
+                raise RuntimeError(f"{type(self).__name__}: state {key!r} is {t.dtype} of {t.numel()} elements on "
+                                   f"{t.device}; a parameter of {n} elements needs contiguous {dtype} of {numel} "
+                                   f"on {device} (state edited or loaded for another parameter?)")
+
+    # ------------------------------------------------------------------------------------------
+    # Loading a state dict: everything checked before anything changes
+    # ------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state dict, each parameter's saved state with its ``state_format`` record added
+        (:meth:`state_format` of the layout it holds): what :meth:`load_state_dict` checks. The
+        saved states are new dicts; the live ones stay tensors only."""
+        sd = super().state_dict()
+        sd["state"] = {pid: {**st, STATE_FORMAT_KEY: self.state_format(_layout_of(st))} if st else st
+                       for pid, st in sd["state"].items()}
+        return sd
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """torch's loader casts every floating-point state to the parameter's dtype (and would turn
-        uint8 codes into floats and float32 absmax into bf16): restore the saved tensors as saved."""
-        super().load_state_dict(state_dict)
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        for pid, p in zip(saved_ids, params):
-            st = state_dict["state"].get(pid)
-            if st is None:
+        """Load a state written by :meth:`state_dict` of an optimizer with the same formats and layout.
+
+        Checked first, for every saved parameter state (a failed load changes nothing): the
+        ``state_format`` record equals the one this optimizer writes for that parameter (a state
+        without one, from ``torch.optim.AdamW``, another optimizer or an older lowprec, is
+        refused), the keys are exactly :meth:`state_spec`'s and each tensor has its dtype and shape;
+        param groups match in number, size and the options that decide the layout
+        (:data:`LAYOUT_OPTIONS`). Raises ``ValueError`` naming the parameter and the state.
+
+        torch's loader casts every floating-point state to the parameter's dtype (and would turn
+        uint8 codes into floats and float32 absmax into bf16): the saved tensors are restored as
+        saved, as contiguous copies on the parameter's device."""
+        checked = self._check_state_dict(state_dict)
+        saved = state_dict["state"]
+        # torch's loader takes the param groups; the states go in below (its cast copies of them
+        # would be thrown away, uint8 codes cast to float costing 4x their size meanwhile)
+        super().load_state_dict({**state_dict, "state": {pid: {} for pid in saved}})
+        for pid, (p, slots) in checked.items():
+            state = self.state[p]
+            device = _local(p).device
+            for key, slot in slots.items():
+                state[key] = saved[pid][key].detach().to(device=slot.device or device,
+                                                         memory_format=torch.contiguous_format, copy=True)
+
+    def check_state_dict(self, state_dict: Any) -> None:
+        """Raise ``ValueError`` where :meth:`load_state_dict` would refuse ``state_dict``; change
+        nothing (for loaders that check every part of a checkpoint before loading any)."""
+        self._check_state_dict(state_dict)
+
+    def _check_state_dict(self, state_dict: Any) -> dict[Any, tuple[torch.Tensor, dict[str, StateSlot]]]:
+        """Check a state dict against this optimizer (raise ``ValueError``); return, for each saved
+        parameter state, its id -> (this optimizer's parameter, its :meth:`state_spec` slots)."""
+        cls = type(self).__name__
+        if not (isinstance(state_dict, Mapping) and isinstance(state_dict.get("state"), Mapping)
+                and isinstance(state_dict.get("param_groups"), (list, tuple))):
+            raise ValueError(f"{cls}.load_state_dict: expected a dict with 'state' and 'param_groups' "
+                             f"(as state_dict() returns); got {type(state_dict).__name__}")
+        places = self._check_saved_groups(state_dict["param_groups"])
+        checked = {}
+        for pid, saved in state_dict["state"].items():
+            if pid not in places:
+                raise ValueError(f"{cls}.load_state_dict: saved state for parameter id {pid!r}, which no saved "
+                                 "param group lists")
+            if isinstance(saved, Mapping) and not saved:  # no state yet: created at the first step
                 continue
-            for key, value in st.items():
-                if isinstance(value, torch.Tensor) and key != "step":
-                    self.state[p][key] = value.to(device=_local(p).device, copy=True)
-            codes = self.state[p].get("exp_avg_codes")
-            if codes is not None and codes.dtype != torch.uint8:
-                raise ValueError(f"{type(self).__name__}.load_state_dict: exp_avg_codes of parameter {pid} "
-                                 f"has dtype {codes.dtype}; expected uint8")
+            gi, i = places[pid]
+            checked[pid] = (self.param_groups[gi]["params"][i], self._check_saved_state(gi, i, saved))
+        self._check_layout_options(state_dict["param_groups"])
+        return checked
+
+    def _check_layout_options(self, saved_groups: list[Mapping[str, Any]]) -> None:
+        """The saved groups' :data:`LAYOUT_OPTIONS` are this optimizer's (torch's loader would
+        replace them, and the states created later would follow the saved ones)."""
+        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            for option in LAYOUT_OPTIONS:
+                found = saved.get(option, "(missing)")
+                if found != group[option]:
+                    raise ValueError(f"{type(self).__name__}.load_state_dict: saved param group {gi} has {option}="
+                                     f"{found!r}; this optimizer has {group[option]!r} (it decides the states' layout)")
+
+    def _check_saved_groups(self, saved_groups: list[Any]) -> dict[Any, tuple[int, int]]:
+        """Same number of groups, of the same sizes, each saved parameter id listed once; returns
+        saved id -> (group index, index)."""
+        cls = type(self).__name__
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"{cls}.load_state_dict: the saved state has {len(saved_groups)} param groups; this "
+                             f"optimizer has {len(self.param_groups)}")
+        places: dict[Any, tuple[int, int]] = {}
+        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            ids = saved.get("params") if isinstance(saved, Mapping) else None
+            if not isinstance(ids, (list, tuple)) or len(ids) != len(group["params"]):
+                size = len(ids) if isinstance(ids, (list, tuple)) else "no"
+                raise ValueError(f"{cls}.load_state_dict: saved param group {gi} has {size} parameters; this "
+                                 f"optimizer's has {len(group['params'])}")
+            for i, pid in enumerate(ids):
+                if not isinstance(pid, (int, str)) or pid in places:
+                    raise ValueError(f"{cls}.load_state_dict: saved param group {gi} lists parameter id {pid!r} "
+                                     "twice or of a type other than int/str")
+                places[pid] = (gi, i)
+        return places
+
+    def _check_saved_state(self, gi: int, i: int, saved: Any) -> dict[str, StateSlot]:
+        """Check that a saved parameter state is the one this optimizer keeps for parameter ``i`` of
+        group ``gi`` (same format record, same keys, each tensor of the same dtype and shape, a
+        non-negative whole step count); return the expected slots."""
+        group = self.param_groups[gi]
+        p = group["params"][i]
+        name = self._param_name(group, i)
+        where = self._where(gi, i, name, p, "load_state_dict")
+        record, slots = self.state_spec(p, name, group)
+        if not isinstance(saved, Mapping):
+            raise ValueError(f"{where}: the saved state is a {type(saved).__name__}, not a dict")
+        found = saved.get(STATE_FORMAT_KEY)
+        if found is None:
+            raise ValueError(f"{where}: the saved state has no {STATE_FORMAT_KEY!r} record (written by "
+                             "torch.optim.AdamW, another optimizer, or lowprec before states recorded their format), "
+                             f"so its layout cannot be checked; this optimizer keeps {record!r}")
+        if found != record:
+            raise ValueError(f"{where}: the saved state was written as {found!r}; this optimizer keeps {record!r} "
+                             "(another optimizer class, v_mode, factor_second_moment, min_quant_size or fp32 state "
+                             "settings?)")
+        keys = set(saved) - {STATE_FORMAT_KEY}
+        if keys != set(slots):
+            missing, extra = sorted(set(slots) - keys), sorted(map(str, keys - set(slots)))
+            raise ValueError(f"{where}: the saved state's keys differ from this optimizer's (missing {missing}, "
+                             f"unexpected {extra}); expected " + ", ".join(f"{k}: {s.describe()}" for k, s in slots.items()))
+        for key, slot in slots.items():
+            bad = slot.mismatch(saved[key])
+            if bad is not None:
+                raise ValueError(f"{where}: state {key!r} must be {slot.describe()}; found {bad}")
+        step = float(saved["step"])
+        if not (math.isfinite(step) and step >= 0 and step == int(step)):
+            raise ValueError(f"{where}: state 'step' must hold a non-negative whole number; found {step}")
+        return slots
 
     # ------------------------------------------------------------------------------------------
     # Accounting

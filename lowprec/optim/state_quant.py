@@ -331,12 +331,29 @@ def dequantize_blocks(codes: torch.Tensor, absmax: torch.Tensor, sf: StateFormat
     return decode(c, sf) * absmax[:, None]
 
 
+def codes_shape(numel: int, sf: StateFormat) -> tuple[int, int]:
+    """Shape of the uint8 codes of ``numel`` values: ``(n_blocks, B/2)`` packed 4-bit, else ``(n_blocks, B)``."""
+    return num_blocks(numel, sf.block_size), sf.codes_per_block
+
+
+@functools.cache
+def zero_code_byte(sf: StateFormat) -> int:
+    """The byte every code of an all-zero block holds (the code of 0, twice when packed): what
+    :func:`quantize_blocks` writes for zeros, so a fresh state equals a quantized zero tensor."""
+    codes, _ = quantize_blocks(torch.zeros(1, sf.block_size), sf)
+    return int(codes[0, 0])
+
+
+def zero_codes(numel: int, sf: StateFormat, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Codes of ``numel`` zeros (:func:`codes_shape`, every byte :func:`zero_code_byte`)."""
+    return torch.full(codes_shape(numel, sf), zero_code_byte(sf), dtype=torch.uint8, device=device)
+
+
 def zero_state(numel: int, sf: StateFormat, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Codes and absmax that decode to a zero tensor (the initial moments), padded to whole blocks
     (absmax 0, so even a map without zero decodes to exact zeros)."""
-    nb = num_blocks(numel, sf.block_size)
-    codes, absmax = quantize_blocks(torch.zeros(nb, sf.block_size, device=device), sf)
-    return codes.contiguous(), absmax.contiguous()
+    absmax = torch.zeros(num_blocks(numel, sf.block_size), dtype=torch.float32, device=device)
+    return zero_codes(numel, sf, device), absmax
 
 
 # ----------------------------------------------------------------------------------------------

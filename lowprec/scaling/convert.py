@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from lowprec.scaling import functional as U
 from lowprec.scaling.hf import (
@@ -76,6 +77,7 @@ class _Ctx:
     residual_attn_ratio: float
     recipe: Any
     report: Any
+    pending_init: list[nn.Module] | None = None  # see unit_scale_model
 
 
 # ----------------------------------------------------------------------------------------------
@@ -89,23 +91,48 @@ def _rms(t: torch.Tensor) -> float:
     return v if math.isfinite(v) and v > 0 else 1.0
 
 
+def unit_init(ops: list[nn.Module]) -> None:
+    """Re-initialise the weights of ``ops`` (collected by :func:`unit_scale_model`'s
+    ``pending_init``) in order, so the random draws are those of an immediate conversion."""
+    for op in ops:
+        _unit_init(op)
+
+
+def _stored(op: nn.Module, name: str) -> torch.Tensor | None:
+    """The tensor ``op`` stores as ``name``: under a parametrization (a QAT plan applied after a
+    deferred init) the original parameter, not the computed value that ``op.<name>`` returns."""
+    if parametrize.is_parametrized(op, name):
+        return op.parametrizations[name].original
+    return getattr(op, name, None)
+
+
 @torch.no_grad()
 def _unit_init(op: nn.Module) -> None:
+    weight = _stored(op, "weight")
     if isinstance(op, (UnitLinear, UnitEmbedding)):
-        op.weight.normal_()
+        weight.normal_()
         if isinstance(op, UnitEmbedding) and op.padding_idx is not None:
-            op.weight[op.padding_idx].zero_()
-    if isinstance(op, (UnitRMSNorm, UnitLayerNorm)) and op.weight is not None:
-        op.weight.fill_(1.0)
-    bias = getattr(op, "bias", None)
+            weight[op.padding_idx].zero_()
+    if isinstance(op, (UnitRMSNorm, UnitLayerNorm)) and weight is not None:
+        weight.fill_(1.0)
+    bias = _stored(op, "bias")
     if isinstance(bias, nn.Parameter):
         bias.zero_()
+
+
+def _init(ctx: _Ctx, op: nn.Module) -> None:
+    """Re-initialise ``op``'s weights for training from scratch, now or (``ctx.pending_init``)
+    when the caller commits."""
+    if ctx.pending_init is None:
+        _unit_init(op)
+    else:
+        ctx.pending_init.append(op)
 
 
 def _linear(ctx: _Ctx, module: nn.Module, r_in: float = 1.0, readout: str | None = None) -> tuple[UnitLinear, float]:
     new = UnitLinear.wrap(module, readout=readout)
     if not ctx.keep:
-        _unit_init(new)
+        _init(ctx, new)
         return new, 1.0
     rule_out = U.linear_rule(new.in_features, new.out_features, 1, readout)[0]
     if readout is None:
@@ -121,7 +148,7 @@ def _norm(ctx: _Ctx, module: nn.Module, r_in: float = 1.0) -> nn.Module:
     if ctx.keep:
         new.eps = new.eps * r_in * r_in  # norm(r x) with eps r^2 == norm(x) with eps
     else:
-        _unit_init(new)
+        _init(ctx, new)
     return new
 
 
@@ -140,7 +167,7 @@ def _embeddings(ctx: _Ctx, modules: list[nn.Embedding]) -> tuple[list[UnitEmbedd
         mult = 1.0 / math.sqrt(sum(_rms(m.weight) ** 2 for m in modules))
     else:
         for n in news:
-            _unit_init(n)
+            _init(ctx, n)
         mult = len(news) ** -0.5
     for n in news:
         n.out_mult = mult
@@ -517,10 +544,17 @@ def _visit(ctx: _Ctx, name: str, m: nn.Module) -> None:
         _visit(ctx, f"{name}.{child_name}" if name else child_name, child)
 
 
-def unit_scale_model(model: nn.Module, recipe: Any, report: Any) -> nn.Module:
+def unit_scale_model(model: nn.Module, recipe: Any, report: Any, *,
+                     pending_init: list[nn.Module] | None = None) -> nn.Module:
     """Convert ``model`` in place to unit scaling under ``recipe.unit_scaling``; record what was
     converted and what was left alone in ``report`` (a :class:`lowprec.recipes.ConversionReport`).
-    Returns the model."""
+    Returns the model.
+
+    ``pending_init``: under ``init="unit"``, the ops whose weights must be re-drawn are appended
+    to this list instead of being re-initialised now, and the caller passes it to
+    :func:`unit_init` once nothing else can fail. The conversion then changes no tensor value,
+    only the module tree, which :func:`lowprec.convert` can restore cheaply on failure (no copy
+    of the weights)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"unit_scale_model expects a torch.nn.Module, got {type(model).__name__}")
     cfg = recipe.unit_scaling
@@ -530,7 +564,8 @@ def unit_scale_model(model: nn.Module, recipe: Any, report: Any) -> nn.Module:
     if readout not in ("unit", "mup"):
         raise UnitScalingError(f"unit_scaling.readout must be 'unit' or 'mup', got {readout!r}")
     ctx = _Ctx(keep=cfg.init == "keep", readout=readout, residual_mult=float(cfg.residual_mult),
-               residual_attn_ratio=float(cfg.residual_attn_ratio), recipe=recipe, report=report)
+               residual_attn_ratio=float(cfg.residual_attn_ratio), recipe=recipe, report=report,
+               pending_init=pending_init)
     _visit(ctx, "", model)
     _report_leftovers(model, report)
     return model

@@ -54,6 +54,31 @@ class LossEvaluator:
         return functional_call(self._wrapper, {f"model.{k}": v for k, v in overrides.items()}, (batch,))
 
 
+def grads_or_zeros(
+    output: torch.Tensor,
+    inputs: Sequence[torch.Tensor],
+    *,
+    grad_outputs: torch.Tensor | None = None,
+    create_graph: bool = False,
+    retain_graph: bool | None = None,
+) -> list[torch.Tensor]:
+    """``d output / d inputs`` by ``torch.autograd.grad``, with zeros for every input the output does
+    not reach.
+
+    A layer the loss never uses (a Hugging Face ``BertModel``'s pooler when the loss reads
+    ``last_hidden_state``, an unused head) has zero gradient and zero Hessian; plain
+    ``torch.autograd.grad`` raises instead, both when that layer is the only input (the output then
+    has no graph at all: "element 0 of tensors does not require grad") and when it is one of
+    several. A zero has no graph, so a second derivative through it is zero as well.
+    """
+    inputs = list(inputs)
+    if not output.requires_grad:
+        return [torch.zeros_like(x) for x in inputs]
+    grads = torch.autograd.grad(output, inputs, grad_outputs=grad_outputs, create_graph=create_graph,
+                                retain_graph=retain_graph, allow_unused=True)
+    return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
+
+
 def check_loss(loss: Any, where: str = "loss_fn(model, batch)") -> float:
     """The loss as a float; a clear error when it is not a finite scalar tensor."""
     if not isinstance(loss, torch.Tensor):

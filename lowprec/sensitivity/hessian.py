@@ -31,6 +31,7 @@ from lowprec.sensitivity.common import (
     LossFn,
     as_batch_list,
     check_loss,
+    grads_or_zeros,
     progress_bar,
     scoring_mode,
 )
@@ -84,10 +85,10 @@ def hvp(
                 _, out = torch.func.jvp(torch.func.grad(lambda p: ev(batch, p)), (primals,), (tangents,))
                 return dict(out)
             leaves = {n: p.clone().requires_grad_(True) for n, p in primals.items()}
-            grads = torch.autograd.grad(ev(batch, leaves), list(leaves.values()), create_graph=True)
+            grads = grads_or_zeros(ev(batch, leaves), list(leaves.values()), create_graph=True)
             dot = sum((g * tangents[n]).sum() for g, n in zip(grads, leaves))
-            hv = torch.autograd.grad(dot, list(leaves.values()), allow_unused=True)
-            return {n: (h if h is not None else torch.zeros_like(primals[n])).detach() for n, h in zip(leaves, hv)}
+            hv = grads_or_zeros(dot, list(leaves.values()))
+            return {n: h.detach() for n, h in zip(leaves, hv)}
         except (RuntimeError, NotImplementedError) as e:
             raise _second_order_error(e) from e
 
@@ -125,15 +126,13 @@ class LayerHessian:
                     self.count += 1
                 return out
             leaves = {n: self.weights[n].clone().requires_grad_(True) for n in vectors}
-            grads = torch.autograd.grad(self.ev(batch, leaves), list(leaves.values()), create_graph=True, allow_unused=True)
+            grads = grads_or_zeros(self.ev(batch, leaves), list(leaves.values()), create_graph=True)
             for i, (n, g) in enumerate(zip(leaves, grads)):
                 self.count += 1
-                if g is None or not g.requires_grad:  # loss constant or linear in this weight: H_ii = 0
-                    out[n] = torch.zeros_like(leaves[n]).detach()
-                    continue
                 last = i == len(leaves) - 1
-                (hv,) = torch.autograd.grad(g, leaves[n], grad_outputs=vectors[n], retain_graph=not last, allow_unused=True)
-                out[n] = torch.zeros_like(g).detach() if hv is None else hv.detach()
+                # A loss constant or linear in this weight gives a gradient without graph: H_ii = 0.
+                (hv,) = grads_or_zeros(g, [leaves[n]], grad_outputs=vectors[n], retain_graph=not last)
+                out[n] = hv.detach()
             return out
         except (RuntimeError, NotImplementedError) as e:
             raise _second_order_error(e) from e

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lowprec.sensitivity.common import LossEvaluator
+from lowprec.sensitivity.common import LossEvaluator, grads_or_zeros
 
 RULES = ("gauss-legendre", "midpoint")
 
@@ -55,7 +55,7 @@ def path_gradient(
         for batch in batches:
             w_t = (weight + t * delta).detach().requires_grad_(True)
             loss = ev(batch, {param: w_t})
-            (g,) = torch.autograd.grad(loss, w_t)
+            (g,) = grads_or_zeros(loss, [w_t])  # zero for a layer the loss never reaches
             acc += (wt / len(batches)) * g.to(acc.dtype)
             n += 1
     return acc, n
