@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from lowprec.models import DEMO_SEQ_LEN
+from lowprec.user_files import read_user_file
 
 VOCAB_SIZE = 256  # byte-level tokens
 VALIDATION_EVERY = 10  # every 10th file (by sorted path) is validation
@@ -100,16 +101,7 @@ def text_file_corpus(path: str | Path, val_fraction: float = VAL_FRACTION, seq_l
     ``ValueError`` for a file too small; each message names the file.
     """
     path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(f"text file {str(path)!r} is a directory, not a text file")
-    if not path.exists():
-        raise FileNotFoundError(f"text file {str(path)!r} does not exist")
-    if not path.is_file():  # a FIFO or device: reading it could block or never end
-        raise OSError(f"text file {str(path)!r} is not a regular file")
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise OSError(f"text file {str(path)!r} cannot be read: {e.strerror or e}") from None
+    data = read_user_file(path, "text file", "a text file")
     need = min_text_bytes(seq_len, val_fraction)
     if len(data) < need:
         raise ValueError(f"text file {str(path)!r} has {len(data):,} bytes; at least {need:,} are needed for "

@@ -30,6 +30,7 @@ from torch import nn
 
 from lowprec import formats as _formats
 from lowprec.errors import RecipeError
+from lowprec.user_files import read_user_file
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -336,16 +337,10 @@ class Recipe(_Schema):
         """A recipe from a UTF-8 TOML file; a missing, unreadable or invalid file is a :class:`RecipeError`."""
         path = Path(path)
         shown = repr(str(path))
-        if path.is_dir():
-            raise RecipeError(f"recipe file {shown} is a directory, not a TOML file")
-        if not path.exists():
-            raise RecipeError(f"recipe file {shown} does not exist")
-        if not path.is_file():  # a FIFO or device: reading it could block or never end
-            raise RecipeError(f"recipe file {shown} is not a regular file")
         try:
-            raw = path.read_bytes()
+            raw = read_user_file(path, "recipe file", "a TOML file")
         except OSError as e:
-            raise RecipeError(f"recipe file {shown} cannot be read: {e.strerror or e}") from None
+            raise RecipeError(str(e)) from None
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
