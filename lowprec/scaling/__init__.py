@@ -3,7 +3,10 @@
 * :mod:`lowprec.scaling.functional`: ``scaled(x, fwd_scale, bwd_scale)`` and the unit-scaled ops;
 * :mod:`lowprec.scaling.nonlinearity`: activation scales computed from the op under N(0, 1) input;
 * :mod:`lowprec.scaling.modules`: unit-scaled modules (``UnitLinear`` holds a ``.gemm`` backend);
+* :mod:`lowprec.scaling.blocks`: a transformer's parts as data (derived from names, config, probes);
+* :mod:`lowprec.scaling.hf`: the generic unit-scaled block, gated-MLP and attention forwards;
 * :mod:`lowprec.scaling.convert`: ``unit_scale_model`` (called by :func:`lowprec.convert`);
+* :mod:`lowprec.scaling.verify`: the keep-mode probe that refuses a changed function;
 * :mod:`lowprec.scaling.param_groups`: u-muP learning-rate rules for AdamW.
 """
 
@@ -28,6 +31,7 @@ from lowprec.scaling.modules import (
     UnitSDPA,
 )
 from lowprec.scaling.param_groups import param_groups, parameter_roles
+from lowprec.scaling.verify import UnitScalingMismatch
 
 __all__ = [
     "ResidualAdd",
@@ -40,6 +44,7 @@ __all__ = [
     "UnitRMSNorm",
     "UnitSDPA",
     "UnitScalingError",
+    "UnitScalingMismatch",
     "cross_entropy",
     "param_groups",
     "parameter_roles",

@@ -2,10 +2,12 @@
 
 Rules (first match wins, a matched subtree is consumed, everything else is visited child by child):
 
-* Llama-family causal LMs and base models (``LlamaDecoderLayer``, ``Qwen2DecoderLayer``,
-  ``MistralDecoderLayer``: pre-norm, RMSNorm, SwiGLU MLP, RoPE attention);
-* GPT-2 (``GPT2LMHeadModel`` / ``GPT2Model``: pre-norm, LayerNorm, ``Conv1D``, GELU MLP);
-* BERT (``BertForMaskedLM`` / ``BertModel``: post-norm);
+* a transformer stack (embeddings, a list of blocks, final norm), with the model's readout
+  and the modules before it when the stack's parent has one: described as data by
+  :func:`lowprec.scaling.blocks.describe_stack` (from module names, the config and functional
+  probes, not class names) and converted by one generic rule, :func:`_convert_block`. Covered
+  as they come: Llama, Qwen2, Qwen3, Mistral, Gemma, Phi-3, GPT-2, BERT, OLMo 2, Granite,
+  StableLM, Starcoder2, and whatever else is built from the same parts;
 * ``nn.Sequential`` MLPs of ``Linear`` / activation / dropout layers.
 
 A module no rule knows is left as it is and listed in the report.
@@ -26,6 +28,7 @@ Two initialisations (``recipe.unit_scaling.init``):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -34,19 +37,22 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from lowprec.errors import RecipeError
 from lowprec.scaling import functional as U
-from lowprec.scaling.hf import (
-    UnitBertLayerMixin,
-    UnitBertResidualOutputMixin,
-    UnitBertSelfAttentionMixin,
-    UnitGPT2AttentionMixin,
-    UnitGPT2BlockMixin,
-    UnitGPT2MLPMixin,
-    UnitLlamaAttentionMixin,
-    UnitLlamaMLPMixin,
-    UnitPreNormDecoderLayerMixin,
-    swap_class,
+from lowprec.scaling.blocks import (
+    CONFIG_MULTIPLIERS,
+    BlockSpec,
+    StackSpec,
+    config_value,
+    describe_stack,
+    embedding_multiplier,
+    first,
+    get,
+    head_of,
+    is_linear,
+    norm_kind,
 )
+from lowprec.scaling.hf import UnitBlockMixin, UnitGLUMLPMixin, swap_class, use_unit_attention
 from lowprec.scaling.modules import (
     ResidualAdd,
     UnitActivation,
@@ -58,14 +64,11 @@ from lowprec.scaling.modules import (
     UnitRMSNorm,
     UnitSDPA,
 )
-from lowprec.scaling.nonlinearity import activation_kind, activation_scales, glu_scales
-
-LLAMA_LIKE_LAYERS = ("LlamaDecoderLayer", "Qwen2DecoderLayer", "MistralDecoderLayer")
-RMSNORM_CLASSES = ("LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm", "RMSNorm")
-LLAMA_ATTN_CHILDREN = {"q_proj", "k_proj", "v_proj", "o_proj"}
+from lowprec.scaling.nonlinearity import activation_kind, activation_scales
+from lowprec.scaling.verify import check_same_function, probe_inputs, record
 
 
-class UnitScalingError(ValueError):
+class UnitScalingError(RecipeError):
     """A model cannot be unit-scaled as asked (the message names the module and why)."""
 
 
@@ -114,7 +117,7 @@ def _unit_init(op: nn.Module) -> None:
         if isinstance(op, UnitEmbedding) and op.padding_idx is not None:
             weight[op.padding_idx].zero_()
     if isinstance(op, (UnitRMSNorm, UnitLayerNorm)) and weight is not None:
-        weight.fill_(1.0)
+        weight.fill_(1.0 - getattr(op, "weight_offset", 0.0))  # a gain of 1
     bias = _stored(op, "bias")
     if isinstance(bias, nn.Parameter):
         bias.zero_()
@@ -144,7 +147,8 @@ def _linear(ctx: _Ctx, module: nn.Module, r_in: float = 1.0, readout: str | None
 
 
 def _norm(ctx: _Ctx, module: nn.Module, r_in: float = 1.0) -> nn.Module:
-    new = UnitLayerNorm.wrap(module) if isinstance(module, nn.LayerNorm) else UnitRMSNorm.wrap(module)
+    kind, offset = norm_kind(module) or ("rms", 0.0)
+    new = UnitLayerNorm.wrap(module) if kind == "layer" else UnitRMSNorm.wrap(module, offset)
     if ctx.keep:
         new.eps = new.eps * r_in * r_in  # norm(r x) with eps r^2 == norm(x) with eps
     else:
@@ -159,19 +163,24 @@ def _activation(ctx: _Ctx, module: nn.Module, r_in: float = 1.0) -> tuple[UnitAc
     return new, activation_scales(kind)[0]
 
 
-def _embeddings(ctx: _Ctx, modules: list[nn.Embedding]) -> tuple[list[UnitEmbedding], float]:
-    """Embeddings whose outputs are summed: one common output multiplier (keep: 1/rms of the sum;
-    unit: ``n**-0.5`` for n unit tables). Returns the new modules and the relative scale."""
+def _embeddings(ctx: _Ctx, modules: list[nn.Embedding], model_mult: float = 1.0,
+                normalized: bool = False) -> tuple[list[UnitEmbedding], float]:
+    """Embeddings whose outputs are summed, then multiplied by ``model_mult`` in the model's
+    forward: one common output scale (keep: 1/rms of the stream, each table's own multiplier
+    such as Gemma's ``sqrt(hidden)`` kept; unit: ``n**-0.5`` for n unit tables, or 1 when a norm
+    follows the sum (``normalized``, BERT): each table's output is then unit itself). Returns the
+    new modules and the stream's relative scale."""
     news = [UnitEmbedding.wrap(m) for m in modules]
+    mults = [embedding_multiplier(m) or 1.0 for m in modules]
     if ctx.keep:
-        mult = 1.0 / math.sqrt(sum(_rms(m.weight) ** 2 for m in modules))
-    else:
-        for n in news:
-            _init(ctx, n)
-        mult = len(news) ** -0.5
+        rel = 1.0 / (model_mult * math.sqrt(sum((k * _rms(m.weight)) ** 2 for k, m in zip(mults, modules))))
+        for n, k in zip(news, mults):
+            n.out_mult = k * rel
+        return news, rel
     for n in news:
-        n.out_mult = mult
-    return news, (mult if ctx.keep else 1.0)
+        _init(ctx, n)
+        n.out_mult = (1.0 if normalized else len(news) ** -0.5) / model_mult
+    return news, 1.0
 
 
 def _sdpa(ctx: _Ctx, d_head: int, causal: bool, orig_logit_scale: float, rq: float, rk: float,
@@ -198,11 +207,13 @@ def _set_depth(module: nn.Module, depth: int) -> None:
             m.lowprec_depth = depth
 
 
-def _tau(ctx: _Ctx, skip_scale: float, branch_scale: float, rule_tau: float) -> tuple[float, float]:
-    """The residual's tau and the stream's new relative scale."""
+def _tau(ctx: _Ctx, skip_scale: float, branch_scale: float, rule_tau: float,
+         branch_mult: float = 1.0) -> tuple[float, float]:
+    """The residual's tau and the stream's new relative scale (keep: the original adds
+    ``skip + branch_mult * branch``)."""
     if not ctx.keep:
         return rule_tau, 1.0
-    tau = skip_scale / branch_scale
+    tau = branch_mult * skip_scale / branch_scale
     return tau, skip_scale / math.sqrt(1.0 + tau * tau)
 
 
@@ -214,263 +225,169 @@ def _excluded_inside(ctx: _Ctx, name: str, module: nn.Module) -> str | None:
     return None
 
 
-def _config_len(config: Any, *names: str) -> int | None:
-    for n in names:
-        v = getattr(config, n, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return None
+def _set(root: nn.Module, path: str, new: nn.Module) -> nn.Module:
+    parent, _, attr = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, attr, new)
+    return new
 
 
 # ----------------------------------------------------------------------------------------------
-# Llama family
+# One rule for every transformer block (its description: lowprec.scaling.blocks)
 # ----------------------------------------------------------------------------------------------
 
 
-def _llama_layer_problem(layer: nn.Module) -> str | None:
-    if type(layer).__name__ not in LLAMA_LIKE_LAYERS:
-        return f"{type(layer).__name__} is not one of {', '.join(LLAMA_LIKE_LAYERS)}"
-    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-    if attn is None or mlp is None:
-        return "no self_attn / mlp"
-    children = {n for n, _ in attn.named_children()}
-    if children != LLAMA_ATTN_CHILDREN:
-        return f"attention children {sorted(children)} differ from {sorted(LLAMA_ATTN_CHILDREN)}"
-    if not all(isinstance(getattr(attn, n), nn.Linear) for n in LLAMA_ATTN_CHILDREN):
-        return "attention projections are not nn.Linear"
-    if not all(isinstance(getattr(mlp, n, None), nn.Linear) for n in ("gate_proj", "up_proj", "down_proj")):
-        return "MLP is not a gate_proj/up_proj/down_proj SwiGLU"
-    if activation_kind(getattr(mlp, "act_fn", None) or nn.Identity()) is None:
-        return f"unknown MLP activation {type(getattr(mlp, 'act_fn', None)).__name__}"
-    for n in ("input_layernorm", "post_attention_layernorm"):
-        if type(getattr(layer, n, None)).__name__ not in RMSNORM_CLASSES:
-            return f"{n} is not an RMSNorm"
-    return None
+def _convert_attention(ctx: _Ctx, block: nn.Module, spec: BlockSpec, r: float,
+                       max_len: int | None) -> tuple[float, float]:
+    """q/k/v (separate or fused), q/k norms, the attention function and the output projection.
+    Returns the output's relative scale and the fan-out of the branch input (q+k+v over q width)."""
+    a = spec.attn
+    if a.qkv:
+        qkv, rq = _linear(ctx, get(block, a.qkv), r)
+        _set(block, a.qkv, qkv)
+        rk = rv = rq
+        widths = qkv.out_features
+    else:
+        (q, rq), (k, rk), (v, rv) = (_linear(ctx, get(block, p), r) for p in (a.q, a.k, a.v))
+        for p, new in ((a.q, q), (a.k, k), (a.v, v)):
+            _set(block, p, new)
+        widths = q.out_features + k.out_features + v.out_features
+    if a.q_norm:
+        _set(block, a.q_norm, _norm(ctx, get(block, a.q_norm), rq))
+        rq = 1.0
+    if a.k_norm:
+        _set(block, a.k_norm, _norm(ctx, get(block, a.k_norm), rk))
+        rk = 1.0
+    core = get(block, spec.attention.core)
+    scaling = float(getattr(core, "scaling", a.head_dim**-0.5))
+    sdpa = _sdpa(ctx, a.head_dim, a.causal, scaling, rq, rk, max_len)
+    if a.qkv:  # one GEMM makes q, k and v: undo the q/k factor after the split (hf.unit_attention)
+        use_unit_attention(core, sdpa, 1.0 / sdpa.qk_grad_mult)
+    else:
+        q.grad_input_mult = k.grad_input_mult = 1.0 / sdpa.qk_grad_mult
+        use_unit_attention(core, sdpa, 1.0)
+    o, r_out = _linear(ctx, get(block, a.o), rv * (sdpa.output_scale or 1.0))
+    _set(block, a.o, o)
+    return r_out, widths / a.q_width
 
 
-def _is_llama_base(m: nn.Module) -> bool:
-    return all(hasattr(m, a) for a in ("embed_tokens", "layers", "norm")) and isinstance(m.layers, nn.ModuleList)
+def _convert_mlp_parts(ctx: _Ctx, block: nn.Module, spec: BlockSpec, r: float) -> tuple[float, float]:
+    """Gate/up (separate or fused) and GLU, or up and activation; then down. Returns the
+    output's relative scale and the fan-out of the branch input."""
+    f = spec.ffn
+    if f.gate:  # gate before up: the order of the weight draws under init="unit"
+        gate, rg = _linear(ctx, get(block, f.gate), r)
+        _set(block, f.gate, gate)
+    up, ru = _linear(ctx, get(block, f.up), r)
+    _set(block, f.up, up)
+    if f.glu:
+        rg = rg if f.gate else ru
+        glu = _set(block, f.act, UnitGLU(f.act_kind, gate_mult=1.0 / rg if ctx.keep else 1.0))
+        r_mid = ru * glu.scale
+        core = get(block, spec.mlp.core)
+        strip = lambda p: p[len(spec.mlp.core) + 1:] if p else p  # noqa: E731  (paths relative to the MLP)
+        core.lowprec_mlp = dataclasses.replace(f, up=strip(f.up), down=strip(f.down), act=strip(f.act),
+                                               gate=strip(f.gate))
+        swap_class(core, UnitGLUMLPMixin)
+    else:
+        act, r_mid = _activation(ctx, get(block, f.act), ru)
+        _set(block, f.act, act)
+    down, r_out = _linear(ctx, get(block, f.down), r_mid)
+    _set(block, f.down, down)
+    return r_out, 2.0 if f.glu and f.gate else 1.0
 
 
-def _convert_llama_layer(ctx: _Ctx, name: str, layer: nn.Module, s: float, taus: tuple[float, float],
-                         max_len: int | None) -> float:
-    attn, mlp = layer.self_attn, layer.mlp
-    layer.input_layernorm = _norm(ctx, layer.input_layernorm, s)
-    attn.q_proj, rq = _linear(ctx, attn.q_proj)
-    attn.k_proj, rk = _linear(ctx, attn.k_proj)
-    attn.v_proj, rv = _linear(ctx, attn.v_proj)
-    attn.sdpa = _sdpa(ctx, attn.head_dim, True, float(attn.scaling), rq, rk, max_len)
-    c = attn.sdpa.qk_grad_mult
-    attn.q_proj.grad_input_mult = attn.k_proj.grad_input_mult = 1.0 / c
-    attn.o_proj, r_attn = _linear(ctx, attn.o_proj, rv * (attn.sdpa.output_scale or 1.0))
-    swap_class(attn, UnitLlamaAttentionMixin)
-    tau, s = _tau(ctx, s, r_attn, taus[0])
-    k_attn = (attn.q_proj.out_features + attn.k_proj.out_features + attn.v_proj.out_features) / attn.q_proj.out_features
-    layer.attn_residual = _residual(layer.input_layernorm, tau, k_attn)
-
-    layer.post_attention_layernorm = _norm(ctx, layer.post_attention_layernorm, s)
-    kind = activation_kind(mlp.act_fn)
-    mlp.gate_proj, rg = _linear(ctx, mlp.gate_proj)
-    mlp.up_proj, ru = _linear(ctx, mlp.up_proj)
-    mlp.act_fn = UnitGLU(kind, gate_mult=1.0 / rg if ctx.keep else 1.0)
-    mlp.down_proj, r_mlp = _linear(ctx, mlp.down_proj, ru * glu_scales(kind)[0])
-    swap_class(mlp, UnitLlamaMLPMixin)
-    tau, s = _tau(ctx, s, r_mlp, taus[1])
-    layer.mlp_residual = _residual(layer.post_attention_layernorm, tau, 2.0)
-    swap_class(layer, UnitPreNormDecoderLayerMixin)
-    ctx.report.add(name, f"{type(layer).__name__} (tau_attn={layer.attn_residual.tau:.4g}, "
-                         f"tau_mlp={layer.mlp_residual.tau:.4g})")
+def _convert_block(ctx: _Ctx, name: str, block: nn.Module, spec: BlockSpec, s: float,
+                   taus: tuple[float, float], max_len: int | None) -> float:
+    """Convert one block in place from its description; ``s`` is the residual stream's relative
+    scale on entry (``init="keep"``), the return value its scale on exit."""
+    for branch, tau_rule, attr in ((spec.attention, taus[0], "attn_residual"), (spec.mlp, taus[1], "mlp_residual")):
+        r, norm = s, None
+        if branch.pre_norm:
+            norm = _set(block, branch.pre_norm, _norm(ctx, get(block, branch.pre_norm), r))
+            r = 1.0
+        if branch is spec.attention:
+            r, fan_out = _convert_attention(ctx, block, spec, r, max_len)
+        else:
+            r, fan_out = _convert_mlp_parts(ctx, block, spec, r)
+        for p in branch.post:
+            m = get(block, p)
+            if not isinstance(m, (UnitOp, nn.Dropout)) and norm_kind(m) is not None:
+                _set(block, p, _norm(ctx, m, r))
+                r = 1.0
+        tau, s = _tau(ctx, s, r, tau_rule, spec.residual_mult)
+        setattr(block, attr, _residual(norm, tau, fan_out) if norm is not None else ResidualAdd(tau))
+        if branch.add_norm:
+            _set(block, branch.add_norm, _norm(ctx, get(block, branch.add_norm), s))
+            s = 1.0
+    block.lowprec_block = spec
+    swap_class(block, UnitBlockMixin)
+    ctx.report.add(name, f"{type(block).__name__} ({spec.layout}, tau_attn={block.attn_residual.tau:.4g}, "
+                         f"tau_mlp={block.mlp_residual.tau:.4g})")
     return s
 
 
-def _convert_llama(ctx: _Ctx, name: str, base: nn.Module, root: nn.Module | None, head_name: str | None) -> str | None:
-    """Convert a Llama-family base model (and the LM head ``root.<head_name>`` if given)."""
-    for i, layer in enumerate(base.layers):
-        why = _llama_layer_problem(layer)
-        if why:
-            return f"layer {i}: {why}"
-    if type(base.norm).__name__ not in RMSNORM_CLASSES:
-        return "final norm is not an RMSNorm"
-    if not isinstance(base.embed_tokens, nn.Embedding):
-        return "embed_tokens is not an nn.Embedding"
+def _convert_stack(ctx: _Ctx, name: str, stack: nn.Module, spec: StackSpec) -> str | None:
+    """Embeddings, every block and the final norm of a described stack, or why not."""
     p = f"{name}." if name else ""
-    excluded = _excluded_inside(ctx, f"{p}layers", base.layers)
+    layers = get(stack, spec.layers)
+    excluded = _excluded_inside(ctx, f"{p}{spec.layers}", layers)
     if excluded:
         return f"{excluded} is excluded by the recipe, so its residual stack cannot be converted"
-    n_layers = len(base.layers)
-    taus = U.transformer_residual_taus(n_layers, ctx.residual_mult, ctx.residual_attn_ratio)
-    max_len = _config_len(getattr(base, "config", None), "max_position_embeddings")
-
-    s = 1.0
-    if ctx.recipe.excluded(f"{p}embed_tokens"):
-        ctx.report.skip(f"{p}embed_tokens", "excluded by the recipe's [exclude] patterns")
+    n_layers = len(layers)
+    if spec.blocks[0].post_norm:  # every add is normalised right away: no depth rule
+        taus = [(ctx.residual_mult, ctx.residual_mult)] * n_layers
     else:
-        (base.embed_tokens,), s = _embeddings(ctx, [base.embed_tokens])
-        ctx.report.add(f"{p}embed_tokens", "UnitEmbedding")
-    for i, layer in enumerate(base.layers):
-        s = _convert_llama_layer(ctx, f"{p}layers.{i}", layer, s, taus[i], max_len)
-        _set_depth(layer, n_layers)
-    base.norm = _norm(ctx, base.norm, s)
-    ctx.report.add(f"{p}norm", "UnitRMSNorm")
-    _convert_head(ctx, root, head_name)
+        taus = U.transformer_residual_taus(n_layers, ctx.residual_mult, ctx.residual_attn_ratio)
+    s = 1.0
+    if any(ctx.recipe.excluded(f"{p}{e}") for e in spec.embeddings):
+        for e in spec.embeddings:
+            ctx.report.skip(f"{p}{e}", "excluded by the recipe's [exclude] patterns (with the tables summed with it)")
+    else:
+        model_mult = spec.embedding_mult
+        attr = next((f for f in CONFIG_MULTIPLIERS["embedding"] if isinstance(getattr(stack, f, None), float)), None)
+        if not ctx.keep and attr is not None:  # a muP multiplier held by the stack (Granite): unit scaling replaces it
+            setattr(stack, attr, 1.0)
+            model_mult = 1.0
+        news, s = _embeddings(ctx, [get(stack, e) for e in spec.embeddings], model_mult,
+                              normalized=spec.embedding_norm is not None)
+        for e, new in zip(spec.embeddings, news):
+            _set(stack, e, new)
+            ctx.report.add(f"{p}{e}", "UnitEmbedding")
+    if spec.embedding_norm:
+        new = _set(stack, spec.embedding_norm, _norm(ctx, get(stack, spec.embedding_norm), s))
+        ctx.report.add(f"{p}{spec.embedding_norm}", type(new).__name__)
+        s = 1.0
+    for i, (block, bspec) in enumerate(zip(layers, spec.blocks)):
+        s = _convert_block(ctx, f"{p}{spec.layers}.{i}", block, bspec, s, taus[i], spec.max_len)
+        _set_depth(block, n_layers)
+    if spec.final_norm:
+        new = _set(stack, spec.final_norm, _norm(ctx, get(stack, spec.final_norm), s))
+        ctx.report.add(f"{p}{spec.final_norm}", type(new).__name__)
     return None
 
 
-def _convert_head(ctx: _Ctx, root: nn.Module | None, head_name: str | None) -> None:
-    if root is None or head_name is None:
-        return
-    attr = head_name.rpartition(".")[2]
-    head = getattr(root, attr)
-    if ctx.recipe.excluded(head_name):
-        ctx.report.skip(head_name, "excluded by the recipe's [exclude] patterns")
-        return
-    if not isinstance(head, nn.Linear):
-        ctx.report.skip(head_name, f"LM head is a {type(head).__name__}, not nn.Linear")
+def _convert_head(ctx: _Ctx, name: str, root: nn.Module, head: nn.Module) -> None:
+    """The modules between the stack and the readout (BERT's MLM transform), then the readout."""
+    p = f"{name}." if name else ""
+    trunk = first(root, "head_trunk")
+    if trunk is not None:
+        _convert_chain(ctx, f"{p}{trunk}", get(root, trunk), last_is_readout=False)
+    head_name = next(n for n, m in root.named_modules() if m is head)
+    full = f"{p}{head_name}"
+    if ctx.recipe.excluded(full):
+        ctx.report.skip(full, "excluded by the recipe's [exclude] patterns")
         return
     new, _ = _linear(ctx, head, 1.0, readout=ctx.readout)
-    setattr(root, attr, new)
-    ctx.report.add(head_name, f"UnitLinear (readout, {ctx.readout} rule)")
+    if not ctx.keep:  # the model divides its logits by this (Granite, read from its config): unit logits after
+        # it, and the readout's input gradient (a cut edge) undoes it in backward
+        config = getattr(root, "config", None)
+        new.out_mult = new.grad_input_mult = config_value(config, CONFIG_MULTIPLIERS["logit_divisor"])
+    _set(root, head_name, new)
+    ctx.report.add(full, f"UnitLinear (readout, {ctx.readout} rule)")
 
 
 # ----------------------------------------------------------------------------------------------
-# GPT-2
-# ----------------------------------------------------------------------------------------------
-
-
-def _gpt2_block_problem(block: nn.Module) -> str | None:
-    if type(block).__name__ != "GPT2Block":
-        return f"{type(block).__name__} is not GPT2Block"
-    if hasattr(block, "crossattention"):
-        return "cross-attention blocks are not supported"
-    if type(block.attn).__name__ != "GPT2Attention" or getattr(block.attn, "is_cross_attention", False):
-        return "attention is not GPT2Attention self-attention"
-    if activation_kind(block.mlp.act) is None:
-        return f"unknown MLP activation {type(block.mlp.act).__name__}"
-    return None
-
-
-def _convert_gpt2(ctx: _Ctx, name: str, tr: nn.Module, root: nn.Module | None, head_name: str | None) -> str | None:
-    for i, block in enumerate(tr.h):
-        why = _gpt2_block_problem(block)
-        if why:
-            return f"block {i}: {why}"
-    p = f"{name}." if name else ""
-    excluded = _excluded_inside(ctx, f"{p}h", tr.h) or _excluded_inside(ctx, f"{p}wte", tr.wte) or \
-        _excluded_inside(ctx, f"{p}wpe", tr.wpe)
-    if excluded:
-        return f"{excluded} is excluded by the recipe, so the residual stack cannot be converted"
-    n_layers = len(tr.h)
-    taus = U.transformer_residual_taus(n_layers, ctx.residual_mult, ctx.residual_attn_ratio)
-    max_len = _config_len(getattr(tr, "config", None), "n_positions", "max_position_embeddings")
-    (tr.wte, tr.wpe), s = _embeddings(ctx, [tr.wte, tr.wpe])
-    ctx.report.add(f"{p}wte", "UnitEmbedding")
-    ctx.report.add(f"{p}wpe", "UnitEmbedding")
-    for i, block in enumerate(tr.h):
-        attn, mlp = block.attn, block.mlp
-        block.ln_1 = _norm(ctx, block.ln_1, s)
-        attn.c_attn, r_qkv = _linear(ctx, attn.c_attn)
-        attn.sdpa = _sdpa(ctx, attn.head_dim, True, float(attn.scaling), r_qkv, r_qkv, max_len)
-        attn.c_proj, r_attn = _linear(ctx, attn.c_proj, r_qkv * (attn.sdpa.output_scale or 1.0))
-        swap_class(attn, UnitGPT2AttentionMixin)
-        tau, s = _tau(ctx, s, r_attn, taus[i][0])
-        block.attn_residual = _residual(block.ln_1, tau, attn.c_attn.out_features / attn.c_attn.in_features)
-        block.ln_2 = _norm(ctx, block.ln_2, s)
-        mlp.c_fc, r_fc = _linear(ctx, mlp.c_fc)
-        mlp.act, k = _activation(ctx, mlp.act, r_fc)
-        mlp.c_proj, r_mlp = _linear(ctx, mlp.c_proj, k)
-        swap_class(mlp, UnitGPT2MLPMixin)
-        tau, s = _tau(ctx, s, r_mlp, taus[i][1])
-        block.mlp_residual = ResidualAdd(tau)
-        swap_class(block, UnitGPT2BlockMixin)
-        _set_depth(block, n_layers)
-        ctx.report.add(f"{p}h.{i}", f"GPT2Block (tau_attn={block.attn_residual.tau:.4g}, "
-                                    f"tau_mlp={block.mlp_residual.tau:.4g})")
-    tr.ln_f = _norm(ctx, tr.ln_f, s)
-    ctx.report.add(f"{p}ln_f", "UnitLayerNorm")
-    _convert_head(ctx, root, head_name)
-    return None
-
-
-# ----------------------------------------------------------------------------------------------
-# BERT (post-norm)
-# ----------------------------------------------------------------------------------------------
-
-
-def _bert_layer_problem(layer: nn.Module) -> str | None:
-    if type(layer).__name__ != "BertLayer":
-        return f"{type(layer).__name__} is not BertLayer"
-    if getattr(layer, "is_decoder", False) or hasattr(layer, "crossattention"):
-        return "decoder / cross-attention BERT layers are not supported"
-    if type(layer.attention.self).__name__ != "BertSelfAttention":
-        return "attention is not BertSelfAttention"
-    if activation_kind(layer.intermediate.intermediate_act_fn) is None:
-        return "unknown intermediate activation"
-    return None
-
-
-def _convert_bert_layer(ctx: _Ctx, name: str, layer: nn.Module, max_len: int | None) -> None:
-    sa, so, inter, out = layer.attention.self, layer.attention.output, layer.intermediate, layer.output
-    sa.query, rq = _linear(ctx, sa.query)
-    sa.key, rk = _linear(ctx, sa.key)
-    sa.value, rv = _linear(ctx, sa.value)
-    sa.sdpa = _sdpa(ctx, sa.attention_head_size, False, float(sa.scaling), rq, rk, max_len)
-    sa.query.grad_input_mult = sa.key.grad_input_mult = 1.0 / sa.sdpa.qk_grad_mult
-    swap_class(sa, UnitBertSelfAttentionMixin)
-    so.dense, r_attn = _linear(ctx, so.dense, rv * (sa.sdpa.output_scale or 1.0))
-    tau, s = _tau(ctx, 1.0, r_attn, ctx.residual_mult)
-    so.residual = ResidualAdd(tau)
-    so.LayerNorm = _norm(ctx, so.LayerNorm, s)
-    swap_class(so, UnitBertResidualOutputMixin)
-    inter.dense, r_i = _linear(ctx, inter.dense)
-    inter.intermediate_act_fn, k = _activation(ctx, inter.intermediate_act_fn, r_i)
-    out.dense, r_mlp = _linear(ctx, out.dense, k)
-    tau, s = _tau(ctx, 1.0, r_mlp, ctx.residual_mult)
-    out.residual = ResidualAdd(tau)
-    out.LayerNorm = _norm(ctx, out.LayerNorm, s)
-    swap_class(out, UnitBertResidualOutputMixin)
-    swap_class(layer, UnitBertLayerMixin)
-    ctx.report.add(name, f"BertLayer (tau_attn={so.residual.tau:.4g}, tau_mlp={out.residual.tau:.4g})")
-
-
-def _convert_bert(ctx: _Ctx, name: str, bert: nn.Module) -> str | None:
-    emb = bert.embeddings
-    if getattr(getattr(bert, "config", None), "position_embedding_type", "absolute") != "absolute":
-        return "only absolute position embeddings are supported"
-    for i, layer in enumerate(bert.encoder.layer):
-        why = _bert_layer_problem(layer)
-        if why:
-            return f"layer {i}: {why}"
-    p = f"{name}." if name else ""
-    excluded = _excluded_inside(ctx, f"{p}encoder", bert.encoder) or _excluded_inside(ctx, f"{p}embeddings", emb)
-    if excluded:
-        return f"{excluded} is excluded by the recipe, so the encoder cannot be converted"
-    max_len = _config_len(getattr(bert, "config", None), "max_position_embeddings")
-    names = ["word_embeddings", "token_type_embeddings", "position_embeddings"]
-    news, s = _embeddings(ctx, [getattr(emb, n) for n in names])
-    for n, new in zip(names, news):
-        setattr(emb, n, new)
-        ctx.report.add(f"{p}embeddings.{n}", "UnitEmbedding")
-    emb.LayerNorm = _norm(ctx, emb.LayerNorm, s)
-    ctx.report.add(f"{p}embeddings.LayerNorm", "UnitLayerNorm")
-    n_layers = len(bert.encoder.layer)
-    for i, layer in enumerate(bert.encoder.layer):
-        _convert_bert_layer(ctx, f"{p}encoder.layer.{i}", layer, max_len)
-        _set_depth(layer, n_layers)
-    return None
-
-
-def _convert_bert_mlm_head(ctx: _Ctx, name: str, pred: nn.Module) -> None:
-    t = pred.transform
-    t.dense, r = _linear(ctx, t.dense)
-    t.transform_act_fn, k = _activation(ctx, t.transform_act_fn, r)
-    t.LayerNorm = _norm(ctx, t.LayerNorm, k)
-    pred.decoder, _ = _linear(ctx, pred.decoder, 1.0, readout=ctx.readout)
-    ctx.report.add(f"{name}.transform", "UnitLinear + UnitActivation + UnitLayerNorm")
-    ctx.report.add(f"{name}.decoder", f"UnitLinear (readout, {ctx.readout} rule)")
-
-
-# ----------------------------------------------------------------------------------------------
-# nn.Sequential MLP
+# Chains: nn.Sequential MLPs, a readout's trunk
 # ----------------------------------------------------------------------------------------------
 
 
@@ -481,21 +398,31 @@ def _is_mlp(m: nn.Module) -> bool:
     return kinds_ok and any(isinstance(c, nn.Linear) for c in m)
 
 
-def _convert_mlp(ctx: _Ctx, name: str, seq: nn.Sequential) -> None:
-    last = max(i for i, c in enumerate(seq) if isinstance(c, nn.Linear))
+def _convert_chain(ctx: _Ctx, name: str, seq: nn.Module, last_is_readout: bool = True) -> None:
+    """Linear / activation / norm children applied in registration order (the last linear the
+    readout when ``last_is_readout``)."""
+    children = list(seq.named_children())
+    last = max((i for i, (_, c) in enumerate(children) if is_linear(c)), default=-1) if last_is_readout else -1
     r = 1.0
-    for i, child in enumerate(list(seq)):
-        full = f"{name}.{i}" if name else str(i)
+    for i, (child_name, child) in enumerate(children):
+        full = f"{name}.{child_name}" if name else child_name
         if ctx.recipe.excluded(full):
             ctx.report.skip(full, "excluded by the recipe's [exclude] patterns")
             continue
-        if isinstance(child, nn.Linear):
+        if is_linear(child):
             readout = ctx.readout if i == last else None
-            seq[i], r = _linear(ctx, child, r, readout=readout)
-            ctx.report.add(full, "UnitLinear" + (f" (readout, {ctx.readout} rule)" if readout else ""))
+            new, r = _linear(ctx, child, r, readout=readout)
+            what = "UnitLinear" + (f" (readout, {ctx.readout} rule)" if readout else "")
         elif activation_kind(child) is not None:
-            seq[i], r = _activation(ctx, child, r)
-            ctx.report.add(full, f"UnitActivation({seq[i].kind})")
+            new, r = _activation(ctx, child, r)
+            what = f"UnitActivation({new.kind})"
+        elif norm_kind(child) is not None:
+            new, r = _norm(ctx, child, r), 1.0
+            what = type(new).__name__
+        else:
+            continue
+        _set(seq, child_name, new)
+        ctx.report.add(full, what)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -506,25 +433,21 @@ def _convert_mlp(ctx: _Ctx, name: str, seq: nn.Sequential) -> None:
 def _try_rules(ctx: _Ctx, name: str, m: nn.Module) -> str | bool:
     """True when a rule converted ``m``; a string when a rule matched but could not apply; False otherwise."""
     p = f"{name}." if name else ""
-    if _is_llama_base(getattr(m, "model", None) or nn.Module()) and hasattr(m, "lm_head"):
-        return _convert_llama(ctx, f"{p}model", m.model, m, f"{p}lm_head") or True
-    if _is_llama_base(m):
-        return _convert_llama(ctx, name, m, None, None) or True
-    tr = getattr(m, "transformer", None)
-    if tr is not None and type(tr).__name__ == "GPT2Model" and hasattr(m, "lm_head"):
-        return _convert_gpt2(ctx, f"{p}transformer", tr, m, f"{p}lm_head") or True
-    if type(m).__name__ == "GPT2Model":
-        return _convert_gpt2(ctx, name, m, None, None) or True
-    if type(m).__name__ == "BertModel":
-        return _convert_bert(ctx, name, m) or True
-    if type(m).__name__ == "BertForMaskedLM":
-        why = _convert_bert(ctx, f"{p}bert", m.bert)
-        if why:
-            return why
-        _convert_bert_mlm_head(ctx, f"{p}cls.predictions", m.cls.predictions)
-        return True
+    for child_name, child in m.named_children():  # a model with a readout around a stack
+        head = head_of(m, child)
+        spec = describe_stack(child) if head is not None else None
+        if isinstance(spec, str):
+            return f"{child_name}.{spec}"
+        if spec is not None:
+            why = _convert_stack(ctx, f"{p}{child_name}", child, spec)
+            if why is None:
+                _convert_head(ctx, name, m, head)
+            return why or True
+    spec = describe_stack(m)
+    if spec is not None:
+        return spec if isinstance(spec, str) else (_convert_stack(ctx, name, m, spec) or True)
     if _is_mlp(m):
-        _convert_mlp(ctx, name, m)
+        _convert_chain(ctx, name, m)
         return True
     return False
 
@@ -554,7 +477,12 @@ def unit_scale_model(model: nn.Module, recipe: Any, report: Any, *,
     to this list instead of being re-initialised now, and the caller passes it to
     :func:`unit_init` once nothing else can fail. The conversion then changes no tensor value,
     only the module tree, which :func:`lowprec.convert` can restore cheaply on failure (no copy
-    of the weights)."""
+    of the weights).
+
+    Under ``init="keep"`` with ``unit_scaling.verify`` (the default) a probe batch runs before
+    and after (:mod:`lowprec.scaling.verify`), and a changed function raises
+    :class:`~lowprec.scaling.verify.UnitScalingMismatch` naming the module where it appears;
+    :func:`lowprec.convert` then restores the model."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"unit_scale_model expects a torch.nn.Module, got {type(model).__name__}")
     cfg = recipe.unit_scaling
@@ -566,8 +494,16 @@ def unit_scale_model(model: nn.Module, recipe: Any, report: Any, *,
     ctx = _Ctx(keep=cfg.init == "keep", readout=readout, residual_mult=float(cfg.residual_mult),
                residual_attn_ratio=float(cfg.residual_attn_ratio), recipe=recipe, report=report,
                pending_init=pending_init)
+    inputs = probe_inputs(model) if ctx.keep and getattr(cfg, "verify", True) else None
+    reference = record(model, inputs) if inputs is not None else None
     _visit(ctx, "", model)
     _report_leftovers(model, report)
+    if reference is not None:
+        dev = check_same_function(reference, model, inputs)
+        report.unit_scaling_check = f"same function: output within {dev:.2g} relative on a probe batch"
+    elif ctx.keep:
+        report.unit_scaling_check = ("not checked: unit_scaling.verify = false" if not getattr(cfg, "verify", True)
+                                     else f"not checked: no probe input known for {type(model).__name__}")
     return model
 
 

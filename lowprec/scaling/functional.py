@@ -186,14 +186,17 @@ def layer_norm(x: Tensor, normalized_shape: tuple[int, ...], weight: Tensor | No
     return F.layer_norm(x, normalized_shape, weight, bias, eps)
 
 
-def rms_norm(x: Tensor, normalized_shape: tuple[int, ...], weight: Tensor | None, eps: float) -> Tensor:
-    """RMSNorm computed in fp32 like Hugging Face's (``weight * (x / rms(x)).to(dtype)``), output
-    unscaled; weight gradient by ``sqrt(normalized / numel)``."""
+def rms_norm(x: Tensor, normalized_shape: tuple[int, ...], weight: Tensor | None, eps: float,
+             weight_offset: float = 0.0) -> Tensor:
+    """RMSNorm computed in fp32 like Hugging Face's (``(offset + weight) * (x / rms(x)).to(dtype)``),
+    output unscaled; weight gradient by ``sqrt(normalized / numel)``. ``weight_offset`` is 1 for
+    Gemma-style norms that store ``w`` and multiply by ``1 + w``."""
     dtype = x.dtype
     y = F.rms_norm(x.float(), normalized_shape, None, eps).to(dtype)
     if weight is None:
         return y
-    return scale_bwd(weight, _affine_grad_scale(x, math.prod(normalized_shape))) * y
+    w = scale_bwd(weight, _affine_grad_scale(x, math.prod(normalized_shape)))
+    return (w + weight_offset if weight_offset else w) * y
 
 
 # ----------------------------------------------------------------------------------------------
@@ -201,13 +204,15 @@ def rms_norm(x: Tensor, normalized_shape: tuple[int, ...], weight: Tensor | None
 # ----------------------------------------------------------------------------------------------
 
 
-def activation(x: Tensor, kind: str, input_mult: float = 1.0) -> Tensor:
+def activation(x: Tensor, kind: str, input_mult: float = 1.0, scale: float | None = None) -> Tensor:
     """``act(input_mult * x) / std(act(X))`` for X ~ N(0, 1): a true scaled function.
 
     ``input_mult`` lets ``init="keep"`` feed the activation the same values as the original
-    model when the preceding linear's output has been rescaled.
+    model when the preceding linear's output has been rescaled. ``scale`` is the precomputed
+    ``1 / std`` (modules compute it once, so a compiled graph sees a constant).
     """
-    scale = activation_scales(kind)[0]
+    if scale is None:
+        scale = activation_scales(kind)[0]
     if input_mult != 1.0:
         x = x * input_mult
     return ACTIVATIONS[kind](x) * scale
@@ -221,9 +226,11 @@ def silu(x: Tensor, input_mult: float = 1.0) -> Tensor:
     return activation(x, "silu", input_mult)
 
 
-def glu(gate: Tensor, up: Tensor, kind: str = "silu", gate_mult: float = 1.0) -> Tensor:
-    """Gated unit ``act(gate_mult * gate) * up / std`` with std computed for N(0, 1) inputs."""
-    scale = glu_scales(kind)[0]
+def glu(gate: Tensor, up: Tensor, kind: str = "silu", gate_mult: float = 1.0, scale: float | None = None) -> Tensor:
+    """Gated unit ``act(gate_mult * gate) * up / std`` with std computed for N(0, 1) inputs
+    (``scale``: that ``1 / std``, precomputed by the module)."""
+    if scale is None:
+        scale = glu_scales(kind)[0]
     if gate_mult != 1.0:
         gate = gate * gate_mult
     return ACTIVATIONS[kind](gate) * up * scale

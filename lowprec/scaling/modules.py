@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from lowprec.scaling import functional as U
-from lowprec.scaling.nonlinearity import ACTIVATIONS
+from lowprec.scaling.nonlinearity import ACTIVATIONS, activation_scales, glu_scales
 
 ROLES = ("hidden", "embedding", "readout", "norm", "bias")
 
@@ -129,32 +129,40 @@ class UnitEmbedding(UnitOp):
 
 
 class UnitRMSNorm(UnitOp):
-    """RMSNorm with the affine weight's gradient scaled; ``eps`` is rescaled under ``init="keep"``."""
+    """RMSNorm with the affine weight's gradient scaled; ``eps`` is rescaled under ``init="keep"``.
 
-    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+    ``weight_offset``: the gain is ``weight_offset + weight`` (1 for Gemma's ``1 + w`` norms, whose
+    stored weight starts at 0), so the parameter keeps its meaning and its state-dict value."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, weight_offset: float = 0.0) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.weight = nn.Parameter(torch.full((hidden_size,), 1.0 - weight_offset))
         self.eps = eps
+        self.weight_offset = float(weight_offset)
         self.grad_mult = 1.0  # fan-out rule, see ResidualAdd.split_grad_mult
         self.lowprec_param_roles = {"weight": "norm"}
 
     @classmethod
-    def wrap(cls, module: nn.Module) -> UnitRMSNorm:
+    def wrap(cls, module: nn.Module, weight_offset: float = 0.0) -> UnitRMSNorm:
         new = cls.__new__(cls)
         UnitOp.__init__(new)
-        new.weight = module.weight
+        weight = getattr(module, "weight", None)
+        new.weight = weight
         eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
         new.eps = float(eps) if eps is not None else torch.finfo(torch.float32).eps
-        new.lowprec_param_roles = {"weight": "norm"} if module.weight is not None else {}
+        new.weight_offset = float(weight_offset)
+        new.lowprec_param_roles = {"weight": "norm"} if weight is not None else {}
         new.grad_mult = 1.0
         return new
 
     def forward(self, x: Tensor) -> Tensor:
         shape = (x.shape[-1],)
-        return U.scale_bwd(U.rms_norm(x, shape, self.weight, self.eps), self.grad_mult)
+        y = U.rms_norm(x, shape, self.weight, self.eps, self.weight_offset)
+        return U.scale_bwd(y, self.grad_mult)
 
     def extra_repr(self) -> str:
-        return f"{tuple(self.weight.shape) if self.weight is not None else None}, eps={self.eps:.4g}"
+        offset = f", weight_offset={self.weight_offset:g}" if self.weight_offset else ""
+        return f"{tuple(self.weight.shape) if self.weight is not None else None}, eps={self.eps:.4g}{offset}"
 
 
 class UnitLayerNorm(UnitOp):
@@ -173,10 +181,14 @@ class UnitLayerNorm(UnitOp):
     def wrap(cls, module: nn.LayerNorm) -> UnitLayerNorm:
         new = cls.__new__(cls)
         UnitOp.__init__(new)
-        new.normalized_shape = tuple(module.normalized_shape)
-        new.weight, new.bias = module.weight, module.bias
-        new.eps = float(module.eps)
-        new.lowprec_param_roles = {k: r for k, r in (("weight", "norm"), ("bias", "bias")) if getattr(module, k) is not None}
+        w = getattr(module, "weight", None)
+        shape = getattr(module, "normalized_shape", None)
+        new.normalized_shape = tuple(shape) if shape is not None else tuple(w.shape)
+        new.weight, new.bias = w, getattr(module, "bias", None)
+        eps = getattr(module, "eps", getattr(module, "variance_epsilon", 1e-5))
+        new.eps = float(eps)
+        new.lowprec_param_roles = {k: r for k, r in (("weight", "norm"), ("bias", "bias"))
+                                   if getattr(new, k) is not None}
         new.grad_mult = 1.0
         return new
 
@@ -196,9 +208,10 @@ class UnitActivation(UnitOp):
         if kind not in ACTIVATIONS:
             raise ValueError(f"unknown activation {kind!r}; known: {', '.join(sorted(ACTIVATIONS))}")
         self.kind, self.input_mult = kind, input_mult
+        self.scale = activation_scales(kind)[0]  # a Python float, computed once
 
     def forward(self, x: Tensor) -> Tensor:
-        return U.activation(x, self.kind, self.input_mult)
+        return U.activation(x, self.kind, self.input_mult, self.scale)
 
     def extra_repr(self) -> str:
         return f"{self.kind}, input_mult={self.input_mult:.4g}"
@@ -211,9 +224,10 @@ class UnitGLU(UnitOp):
     def __init__(self, kind: str = "silu", gate_mult: float = 1.0) -> None:
         super().__init__()
         self.kind, self.gate_mult = kind, gate_mult
+        self.scale = glu_scales(kind)[0]  # a Python float, computed once
 
     def forward(self, gate: Tensor, up: Tensor) -> Tensor:
-        return U.glu(gate, up, self.kind, self.gate_mult)
+        return U.glu(gate, up, self.kind, self.gate_mult, self.scale)
 
     def extra_repr(self) -> str:
         return f"{self.kind}, gate_mult={self.gate_mult:.4g}"

@@ -80,17 +80,30 @@ def glu_scales(kind: str = "silu") -> tuple[float, float]:
     return 1.0 / math.sqrt(sq), 1.0 / math.sqrt(0.5 * (sq + g_rms * g_rms))
 
 
+# Probe grid for recognising an activation module by what it computes (not by its class name):
+# wide enough to separate GELU from its tanh approximation (they differ by up to ~5e-4 near |x| = 2).
+_PROBE_X = torch.linspace(-6.0, 6.0, 241)
+_PROBE_ATOL = 1e-5
+
+
 def activation_kind(module: torch.nn.Module) -> str | None:
-    """The ``ACTIVATIONS`` key of a torch / Hugging Face activation module, or None if unknown."""
-    name = type(module).__name__
-    if isinstance(module, torch.nn.GELU):
-        return "gelu_tanh" if module.approximate == "tanh" else "gelu"
-    if isinstance(module, torch.nn.SiLU) or name in ("SiLUActivation",):
-        return "silu"
-    if isinstance(module, torch.nn.ReLU):
-        return "relu"
-    if name in ("NewGELUActivation", "GELUTanh", "GELUPytorchTanh", "PytorchGELUTanh", "FastGELUActivation"):
-        return "gelu_tanh"
-    if name == "GELUActivation":
-        return "gelu"
+    """The ``ACTIVATIONS`` key of an elementwise activation module, recognised by running it on a
+    fixed grid and comparing with each known function (so any Hugging Face or torch class that
+    computes SiLU, GELU, tanh-GELU or ReLU is recognised); None when it computes none of them."""
+    if not isinstance(module, torch.nn.Module) or isinstance(module, torch.nn.Dropout):
+        return None
+    if any(True for _ in module.parameters()):
+        return None
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):  # a probe must not move the RNG
+            y = module(_PROBE_X.clone())
+    except Exception:
+        return None
+    if not isinstance(y, torch.Tensor) or y.shape != _PROBE_X.shape:
+        return None
+    y = y.float()
+    for kind, fn in ACTIVATIONS.items():
+        ref = fn(_PROBE_X)
+        if bool(((y - ref).abs() <= _PROBE_ATOL * (1.0 + ref.abs())).all()):
+            return kind
     return None
