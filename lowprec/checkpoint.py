@@ -439,6 +439,27 @@ def _load(path: Path, model: nn.Module, optimizer, scheduler, *, restore_rng: bo
     return {k: payload.get(k) for k in _RETURNED_META}
 
 
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's metadata (``step``, ``recipe``, ``recipe_fields``, ``settings``, ``data``,
+    ``extra``, ``world_size``), read and verified as :func:`load` would, without loading into
+    anything: for commands that rebuild the run's model before loading its weights."""
+    path = Path(path)
+    meta = read_dcp_meta(path) if path.is_dir() else read_file(path)
+    return {k: meta.get(k) for k in (*_RETURNED_META, "recipe_fields")}
+
+
+def recipe_data(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """:func:`recipe_fields`' dotted names back into a recipe's nested tables (for ``Recipe.from_dict``)."""
+    out: dict[str, Any] = {}
+    for key, value in fields.items():
+        *sections, name = key.split(".")
+        table = out
+        for section in sections:
+            table = table.setdefault(section, {})
+        table[name] = value
+    return out
+
+
 def _shard_full_optimizer_state(path: Path, model: nn.Module, optimizer, saved: Mapping[str, Any]) -> dict[str, Any]:
     """A one-process optimizer state cut into this rank's pieces (for FSDP2 DTensor parameters).
 

@@ -37,7 +37,7 @@ class CLIError(Exception):
 # ----------------------------------------------------------------------------------------------
 
 
-def load_model(config: str | None, seed: int = 0):
+def load_model(config: str | dict | None, seed: int = 0):
     """The demo-size Llama, or a randomly initialised causal LM from a Hugging Face config JSON.
 
     The JSON is a ``config.json`` as Hugging Face writes it (``model_type`` picks the
@@ -50,13 +50,16 @@ def load_model(config: str | None, seed: int = 0):
 
     if config is None:
         return demo_llama(seed=seed)
-    path = Path(config)
-    if not path.is_file():
-        raise CLIError(f"model config file {str(path)!r} does not exist")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CLIError(f"model config file {str(path)!r} is not valid JSON: {e}") from None
+    if isinstance(config, dict):  # a config as a run recorded it
+        data, path = config, Path("(the run's model config)")
+    else:
+        path = Path(config)
+        if not path.is_file():
+            raise CLIError(f"model config file {str(path)!r} does not exist")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise CLIError(f"model config file {str(path)!r} is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise CLIError(f"model config file {str(path)!r} must hold a JSON object, got {type(data).__name__}")
     tf = require("transformers", what="--config (a Hugging Face model config)")
@@ -105,6 +108,60 @@ def _check_seq_len(model, seq_len: int) -> None:
     limit = _max_positions(model)
     if limit is not None and seq_len > limit:
         raise CLIError(f"--seq-len {seq_len} is longer than the model's max_position_embeddings {limit}")
+
+
+def _parse_setting(text: str) -> tuple[str, object]:
+    """``--set KEY=VALUE``: VALUE is read as a TOML value (``1e-4``, ``true``, ``["norm"]``), and as
+    a plain string when it is not one (``cast.scaling=delayed``)."""
+    from lowprec.recipes import tomllib
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. cast.scaling=delayed), got {text!r}")
+    try:
+        parsed: object = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value
+    return key.strip(), parsed
+
+
+def _add_recipe_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--init", choices=("unit", "keep"), help="unit scaling: re-initialise the weights (unit) or "
+                   "keep them and absorb their scale (keep: pretrained weights); default: the recipe's")
+    p.add_argument("--set", dest="overrides", action="append", type=_parse_setting, default=[], metavar="KEY=VALUE",
+                   help="set a recipe field by its dotted name, e.g. --set cast.scaling=delayed (repeatable)")
+
+
+def _recipe_from_args(name: str | None, args: argparse.Namespace, checkpoint: str | None = None):
+    """The recipe a command runs: ``name`` (shipped name or TOML path), or else the recipe recorded in
+    ``checkpoint``'s run, with ``--init`` and ``--set`` applied; None for neither."""
+    from lowprec.recipes import Recipe, resolve, with_overrides
+
+    if name is not None:
+        recipe = resolve(name)
+    elif checkpoint is not None:
+        from lowprec.checkpoint import read_meta, recipe_data
+
+        meta = read_meta(find_checkpoint(checkpoint))
+        if meta.get("recipe_fields"):
+            recipe = Recipe.from_dict(recipe_data(meta["recipe_fields"]), source=f"checkpoint {checkpoint}")
+        elif meta.get("recipe"):
+            recipe = resolve(meta["recipe"])
+        else:
+            return None
+        print(f"recipe {recipe.name!r}, as recorded in the checkpoint (pass --recipe to choose another)")
+    else:
+        return None
+    return with_overrides(recipe, dict(args.overrides), init=args.init)
+
+
+def _recorded_model_config(checkpoint: str | None) -> dict | None:
+    """The model config a ``lowprec train`` run recorded (None: the demo Llama, or no checkpoint)."""
+    if checkpoint is None:
+        return None
+    from lowprec.checkpoint import read_meta
+
+    return (read_meta(find_checkpoint(checkpoint)).get("settings") or {}).get("model_config")
 
 
 def _convert(model, recipe_arg, plan: str | None = None):
@@ -168,12 +225,11 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     import torch
 
     from lowprec import runs
-    from lowprec.recipes import resolve
     from lowprec.training import TrainConfig, train
 
     if args.resume and args.out is None:
         args.out = str(args.resume if Path(args.resume).is_dir() else Path(args.resume).parent.parent)
-    recipe = resolve(args.recipe)  # a bad recipe fails before any data or model is loaded
+    recipe = _recipe_from_args(args.recipe, args)  # a bad recipe fails before any data or model is loaded
     _check_lr_override(recipe, args.lr)
     corpus = load_corpus(args.data, args.seq_len)
     rank, world = 0, 1
@@ -181,10 +237,13 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
         dist = require("lowprec.distributed", what=f"distributed training (WORLD_SIZE={_world()[1]})")
         rank, world = dist.init()
     try:
-        model = load_model(args.config, seed=args.seed)
-        _check_seq_len(model, args.seq_len)
-        model, recipe, report = _convert(model, recipe, plan=args.plan) if rank == 0 else \
-            _convert_quiet(model, recipe, args.plan)
+        if args.init_from:
+            model, recipe, report = _model_from_init(args, recipe, quiet=rank != 0)
+        else:
+            model = load_model(args.config, seed=args.seed)
+            _check_seq_len(model, args.seq_len)
+            model, recipe, report = _convert(model, recipe, plan=args.plan) if rank == 0 else \
+                _convert_quiet(model, recipe, args.plan)
         if world > 1:
             model = dist.wrap(model, args.strategy)
         inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
@@ -205,6 +264,14 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
             print(f"training {type(inner).__name__} ({sum(p.numel() for p in inner.parameters()):,} parameters) "
                   f"under {recipe.name!r} with {opt_name} on {corpus}"
                   + (f", {world} processes ({args.strategy})" if world > 1 else ""))
+        initial_val_loss = None
+        if args.init_from and not args.resume:  # where fine-tuning starts: the trained model's loss
+            from lowprec.training import eval_batches, evaluate
+
+            initial_val_loss = evaluate(model, eval_batches(corpus.val, args.eval_batches, args.batch_size,
+                                                            args.seq_len))
+            if rank == 0:
+                print(f"validation loss before training: {initial_val_loss:.4f} nats/byte")
         try:
             result = train(model, optimizer, corpus, config, progress=not args.no_progress and rank == 0,
                            desc=f"train {recipe.name}", checkpoint_dir=ck_dir,
@@ -234,6 +301,7 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
             "strategy": args.strategy if world > 1 else None,
             "config": vars(config), "data": corpus.source, "model_config": args.config, "resumed_from": args.resume,
             "converted": report.converted if report else {}, "left_alone": report.skipped if report else {},
+            "init_from": args.init_from, "initial_val_loss": initial_val_loss,
             **result.to_dict(), "torch": torch.__version__,
         }
     finally:
@@ -260,9 +328,73 @@ def _run_settings(args: argparse.Namespace, corpus) -> dict:
     (their contents, so a renamed copy of the same file is the same run)."""
     from lowprec.recipes import load_plan
 
-    model_config = json.loads(Path(args.config).read_text()) if args.config else None
+    model_config = json.loads(Path(args.config).read_text()) if args.config else getattr(args, "model_config", None)
     return {"data": corpus.source, "model_config": model_config,
             "plan": load_plan(args.plan) if args.plan else None}
+
+
+_HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                    "pytorch_model.bin.index.json")
+
+
+def _is_hf_checkpoint(path: Path) -> bool:
+    return (path / "config.json").is_file() and any((path / f).is_file() for f in _HF_WEIGHT_FILES)
+
+
+def _model_from_init(args: argparse.Namespace, recipe, quiet: bool = False):
+    """``--init-from``: the model to fine-tune, converted, with trained weights.
+
+    A Hugging Face checkpoint directory (``config.json`` and weights; local files only) is loaded
+    with ``from_pretrained`` and converted in keep mode where the recipe unit-scales (unless
+    ``--init`` says otherwise). A lowprec run (or checkpoint) is rebuilt as it was trained: its
+    recorded model config, converted with its recorded recipe, its weights loaded; then ``--plan``
+    is added on top (QAT fine-tuning). The recipe asked for must then convert as the run's did
+    (its optimizer section may differ)."""
+    from lowprec.recipes import with_overrides
+
+    path = Path(args.init_from)
+    if not path.exists():
+        raise CLIError(f"--init-from {str(path)!r} does not exist")
+    convert = _convert_quiet if quiet else _convert
+    if path.is_dir() and _is_hf_checkpoint(path):
+        tf = require("transformers", what="--init-from a Hugging Face checkpoint")
+        try:
+            model = tf.AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise CLIError(f"--init-from {str(path)!r}: not a loadable causal LM checkpoint ({e})") from None
+        _check_seq_len(model, args.seq_len)
+        args.model_config = model.config.to_dict()  # recorded with the run, for resume and later --init-from
+        if recipe.unit_scaling.enabled and args.init is None:
+            recipe = with_overrides(recipe, init="keep")
+        return convert(model, recipe, args.plan)
+    try:
+        ck = find_checkpoint(path)
+    except CLIError:
+        raise CLIError(f"--init-from {str(path)!r} is neither a Hugging Face checkpoint directory (config.json and "
+                       f"{' or '.join(_HF_WEIGHT_FILES[::2])}) nor a lowprec run or checkpoint") from None
+    from lowprec.checkpoint import read_meta
+
+    meta = read_meta(ck)
+    trained = _recipe_from_args(None, argparse.Namespace(overrides=[], init=None), str(ck))
+    if trained is None:
+        raise CLIError(f"--init-from {str(ck)!r}: the run records no recipe; train it with lowprec train")
+    ours, theirs = recipe.to_dict(), trained.to_dict()
+    differs = sorted(f"{sec}.{k}" for sec in ours if isinstance(ours[sec], dict) and sec != "optimizer"
+                     for k in ours[sec] if ours[sec][k] != theirs[sec][k] and (sec, k) != ("qat", "plan"))
+    if differs:
+        raise CLIError(f"--init-from {str(ck)!r}: the run was converted with recipe {trained.name!r}, which differs "
+                       f"from this one in {', '.join(differs)}; fine-tune it under the same conversion")
+    settings = meta.get("settings") or {}
+    args.model_config = settings.get("model_config")  # recorded with this run too
+    model = load_model(args.config or args.model_config, seed=args.seed)
+    _check_seq_len(model, args.seq_len)
+    model, _, _ = convert(model, trained, None)
+    step = load_checkpoint(ck, model)
+    if not quiet:
+        print(f"initialised from {ck} (step {step})")
+    if args.plan:
+        model, _, _ = convert(model, trained, args.plan)
+    return model, recipe, model.lowprec_report
 
 
 def _convert_quiet(model, recipe, plan):
@@ -358,11 +490,10 @@ def _load_weights(model, path: str | None) -> None:
 
 def cmd_sensitivity(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     from lowprec import runs
-    from lowprec.recipes import resolve
 
-    recipe = resolve(args.recipe) if args.recipe else None
+    recipe = _recipe_from_args(args.recipe, args, args.checkpoint)
     corpus = load_corpus(args.data, args.seq_len)
-    model = load_model(args.config, seed=args.seed)
+    model = load_model(args.config or _recorded_model_config(args.checkpoint), seed=args.seed)
     _check_seq_len(model, args.seq_len)
     if recipe is not None:
         model, _, _ = _convert(model, recipe)
@@ -403,15 +534,14 @@ def cmd_sensitivity(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
 def cmd_inspect(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     from lowprec import numerics, runs
     from lowprec.data import batch_at
-    from lowprec.recipes import resolve
 
-    recipe = resolve(args.recipe) if args.recipe else None
+    recipe = _recipe_from_args(args.recipe, args, args.checkpoint)
     try:
         fwd, bwd, scaling = numerics.formats_for(recipe, args.format, args.grad_format, args.scaling)
     except ValueError as e:
         raise CLIError(str(e)) from None
     corpus = load_corpus(args.data, args.seq_len)
-    model = load_model(args.config, seed=args.seed)
+    model = load_model(args.config or _recorded_model_config(args.checkpoint), seed=args.seed)
     _check_seq_len(model, args.seq_len)
     if recipe is not None:
         model, recipe, _ = _convert(model, recipe)
@@ -617,6 +747,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", choices=("AdamW", "AdamW4bit", "AdamW8bit", "AdamWFp8"),
                    help="override the recipe's optimizer")
     p.add_argument("--plan", metavar="PLAN.json", help="a bit plan (from lowprec sensitivity) for per-layer QAT")
+    p.add_argument("--init-from", metavar="DIR", help="start from trained weights: a lowprec run directory (or "
+                   "checkpoint), rebuilt as it was trained, or a Hugging Face checkpoint directory (local files), "
+                   "converted in keep mode; with --plan this is QAT fine-tuning of the trained model")
     p.add_argument("--eval-every", type=_positive, default=50, help="validation every N steps (default %(default)s)")
     p.add_argument("--eval-batches", type=_positive, default=8, help="validation batches (default %(default)s)")
     p.add_argument("--checkpoint-every", type=_non_negative, default=50, metavar="N",
@@ -631,6 +764,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", choices=("ddp", "fsdp"), default="ddp",
                    help="data parallelism under torchrun: DDP or FSDP2 fully_shard (default %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_recipe_options(p)
     _add_out(p, "train")
     p.set_defaults(func=cmd_train)
 
@@ -650,6 +784,7 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--size-budget-bytes", type=_positive, help="total weight bytes allowed instead of --avg-bits")
     p.add_argument("--batches", type=_positive, default=2, help="batches the scorer averages over (default %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_recipe_options(p)
     _add_out(p, "sensitivity")
     p.set_defaults(func=cmd_sensitivity)
 
@@ -668,6 +803,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scaling", choices=("none", "current", "rowwise", "blockwise"), help="scaling override")
     p.add_argument("--all-ops", action="store_true", help="also print every op's table (std of outputs and "
                    "input gradients, saturation with scale 1); it is always written to RUNDIR/ops.txt")
+    _add_recipe_options(p)
     _add_out(p, "inspect")
     p.set_defaults(func=cmd_inspect)
 

@@ -252,6 +252,9 @@ class UnitScalingConfig(_Schema, key="unit_scaling"):
     # LM head forward scale: "unit" = fan_in**-0.5 (Unit Scaling 2023: unit logits at init),
     # "mup" = 1/fan_in (u-muP 2024: small logits at init, base-rate learning rate for the head).
     readout: str = _field("unit", choices=("unit", "mup"))
+    # Under init = "keep": run a probe batch before and after conversion and refuse (restoring
+    # the model) if the function changed beyond float32 rounding (lowprec.scaling.verify).
+    verify: bool = _field(True)
 
 
 @dataclass(frozen=True)
@@ -458,6 +461,38 @@ def available() -> list[str]:
     return sorted(_shipped_files())
 
 
+def recipe_keys(recipe: Recipe | None = None) -> list[str]:
+    """Every recipe field by its dotted name (``cast.scaling``, ``optimizer.lr``, ...)."""
+    def walk(d: Mapping[str, Any], prefix: str) -> list[str]:
+        return [k for key, v in d.items()
+                for k in (walk(v, f"{prefix}{key}.") if isinstance(v, Mapping) else [f"{prefix}{key}"])]
+
+    return walk((recipe or Recipe()).to_dict(), "")
+
+
+def with_overrides(recipe: Recipe, overrides: Mapping[str, Any] | None = None, *, init: str | None = None) -> Recipe:
+    """``recipe`` with fields set by dotted name (``{"cast.scaling": "delayed", "optimizer.lr": 1e-4}``)
+    and ``init`` (``unit_scaling.init``: "keep" keeps pretrained weights), validated exactly as a
+    TOML file's fields are; an unknown name is a :class:`RecipeError` listing the valid ones."""
+    changes = dict(overrides or {})
+    if init is not None:
+        changes["unit_scaling.init"] = init
+    if not changes:
+        return recipe
+    source = f"overrides of recipe {recipe.name!r}"
+    valid = recipe_keys(recipe)
+    data = recipe.to_dict()
+    for key, value in changes.items():
+        if not isinstance(key, str) or key not in valid:
+            raise RecipeError(f"{source}: unknown key {key!r}; expected one of {', '.join(valid)}")
+        *sections, name = key.split(".")
+        table = data
+        for section in sections:
+            table = table[section]
+        table[name] = list(value) if isinstance(value, tuple) else value
+    return dataclasses.replace(Recipe.from_dict(data, source=source), source=recipe.source)
+
+
 def resolve(recipe: str | Path | Recipe) -> Recipe:
     """A Recipe from a shipped name, a path to a TOML file, or a Recipe."""
     if isinstance(recipe, Recipe):
@@ -597,13 +632,28 @@ def _previous_conversion(model: nn.Module, recipe: Recipe, plan: dict[str, int] 
     prev_report = getattr(model, "lowprec_report", None)
     prev_plan = getattr(prev_report, "plan", None)
     same_recipe = isinstance(previous, Recipe) and previous.to_dict() == recipe.to_dict()
-    if same_recipe and isinstance(prev_report, ConversionReport) and prev_plan == plan:
-        return prev_report
+    if same_recipe and isinstance(prev_report, ConversionReport) and (prev_plan == plan or prev_plan is None):
+        return prev_report  # the same conversion, or the same one and a plan to add (QAT fine-tuning)
     name = getattr(previous, "name", previous)
     asked = "the same recipe with a different QAT plan" if same_recipe else f"recipe {recipe.name!r}"
     raise RecipeError(f"{type(model).__name__} was already converted with recipe {name!r}"
                       f"{' and a QAT plan' if prev_plan else ''}; lowprec.convert does not convert a model twice "
                       f"(asked for {asked}): {_fresh_copy_advice()}")
+
+
+def _add_plan(model: nn.Module, recipe: Recipe, plan: dict[str, int], where: str, report: ConversionReport) -> None:
+    """A QAT plan on a model already converted with ``recipe`` and no plan: the last step of the
+    HAWQ flow (train, score, fine-tune the trained weights with the plan), all or nothing."""
+    from lowprec.qat import apply_plan
+
+    _check_plan_fits(model, plan, where)
+    snapshot = _ModuleTreeSnapshot(model)
+    try:
+        apply_plan(model, plan, recipe, report)
+    except BaseException:
+        snapshot.restore()
+        raise
+    report.plan = plan
 
 
 def _check_no_lowprec_modules(model: nn.Module) -> None:
@@ -708,14 +758,19 @@ def convert(
     model: nn.Module,
     recipe: str | Path | Recipe = "unit",
     *,
+    init: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
     plan: str | Path | Mapping[str, int] | None = None,
     report: bool = False,
 ) -> nn.Module | tuple[nn.Module, ConversionReport]:
     """Convert ``model`` in place for low-precision training and return it.
 
     ``recipe`` is a shipped recipe name (see :func:`available`), a path to a TOML file or a
-    :class:`Recipe`. ``plan`` (qualified module name -> bits, or a JSON file) adds per-layer
-    fake quantization on top. With ``report=True`` returns ``(model, ConversionReport)``.
+    :class:`Recipe`. ``init="keep"`` keeps the model's (pretrained) weights and absorbs their scale
+    where the recipe unit-scales (``"unit"`` re-initialises them); ``overrides`` sets any recipe
+    field by its dotted name (:func:`with_overrides`). ``plan`` (qualified module name -> bits, or
+    a JSON file) adds per-layer fake quantization on top. With ``report=True`` returns
+    ``(model, ConversionReport)``.
 
     A model is converted once. Converting it again with the same recipe and plan is a no-op
     (returns it and its first report); with anything else it is a :class:`RecipeError`, as is a
@@ -734,9 +789,11 @@ def convert(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"lowprec.convert expects a torch.nn.Module, got {type(model).__name__}")
-    recipe = resolve(recipe)
+    recipe = with_overrides(resolve(recipe), overrides, init=init)
     plan_map, plan_where = _resolve_plan(plan, recipe)
     previous = _previous_conversion(model, recipe, plan_map)
+    if previous is not None and previous.plan is None and plan_map is not None:
+        _add_plan(model, recipe, plan_map, plan_where, previous)
     if previous is not None:
         return (model, previous) if report else model
     _check_no_lowprec_modules(model)
@@ -753,4 +810,8 @@ def convert(
         raise
     model.lowprec_recipe = recipe  # read by lowprec.training (unit-scaled loss) and the CLI
     model.lowprec_report = rep
+    if recipe.unit_scaling.enabled:  # HF's model(x, labels=y).loss gets the unit-scaled gradient too
+        from lowprec.hf_loss import install
+
+        install(model)
     return (model, rep) if report else model

@@ -56,19 +56,12 @@ def lm_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> to
     whose forward value is the same mean but whose logit gradient is unit (no loss scaling)."""
     logits = logits_of(model, inputs).float()
     recipe = getattr(unwrap(model), "lowprec_recipe", None)
+    flat, tgt = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
     if recipe is not None and recipe.unit_scaling.enabled:
-        from lowprec.scaling.functional import cross_entropy as unit_cross_entropy
+        from lowprec.hf_loss import unit_scaled_loss
 
-        flat, tgt = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
-        unit = unit_cross_entropy(flat, tgt)
-        # The value is the mean cross-entropy computed directly: a "value of the mean, gradient of
-        # the sum" written as sum + (mean - sum).detach() keeps only the sum's absolute precision
-        # (2^-10 at a sum of ~10^4: 1e-4 relative on the loss), which would drown the 1e-4
-        # comparisons between runs. unit - unit.detach() is exactly 0 and carries unit's gradient.
-        with torch.no_grad():
-            value = F.cross_entropy(flat, tgt)
-        return value + (unit - unit.detach())
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        return unit_scaled_loss(flat, tgt)
+    return F.cross_entropy(flat, tgt)
 
 
 @torch.no_grad()
