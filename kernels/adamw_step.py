@@ -1,9 +1,15 @@
 """Fused AdamW step on block-quantized moments: one Triton kernel for every state format.
 
-One program owns one block of ``B`` elements (two halves of ``B/2``): it loads the parameter,
-gradient, codes and the two absmax values, dequantizes, updates m, v and the parameter in
-float32, takes the new per-block absmax, requantizes and stores, all in registers: one pass,
-reading p, g, m, v and writing p, m, v (14.1 bytes per fp32 parameter at 4-bit states).
+One program owns a tile of ``ROWS`` whole blocks of ``B`` elements (about :data:`TILE` = 2048
+elements, 8 warps; fewer rows when the tensor has fewer blocks): it loads the hyper-parameters
+once, the tile's parameters, gradients and codes with vector loads (each block row is
+contiguous), dequantizes, updates m, v and the parameter in float32, reduces the new absmax per
+block (per row of the tile), requantizes and stores, all in registers: one pass, reading p, g,
+m, v and writing p, m, v (14.1 bytes per fp32 parameter at 4-bit states). Packed 4-bit codes
+are read and written as whole bytes (a ``(rows, B/2)`` tile) and split into / joined from the
+two half-blocks by shifts in registers. (The previous kernel ran one program per block with 4
+warps on a 64- or 128-element half-block: one element per instruction, half the threads
+duplicating work, 8 hyper-parameter loads per block; see ``benchmarks/gpu_check.py``.)
 
 The PyTorch reference, CPU path and test oracle is ``lowprec.optim.functional.adamw_blocks_``
 (it lives with the optimizer because it is written in terms of its state formats; this module
@@ -37,6 +43,7 @@ except Exception:  # pragma: no cover - triton missing: the torch reference is u
     triton = None
     tl = None
 
+TILE = 2048  # elements per program: whole blocks, so the absmax reduction stays in the program
 # State kinds (constexpr in the kernel).
 KIND_CODEBOOK = 0
 KIND_FP8 = 1
@@ -95,8 +102,8 @@ if triton is not None:
 
     @triton.jit
     def _adamw_blocks_kernel(
-        p_ptr, g_ptr, mc_ptr, ma_ptr, vc_ptr, va_ptr, mtab_ptr, mmid_ptr, vtab_ptr, vmid_ptr, hp_ptr,
-        HALF: tl.constexpr, MAXIMIZE: tl.constexpr,
+        p_ptr, g_ptr, mc_ptr, ma_ptr, vc_ptr, va_ptr, mtab_ptr, mmid_ptr, vtab_ptr, vmid_ptr, hp_ptr, n_blocks,
+        BLOCK_SIZE: tl.constexpr, ROWS: tl.constexpr, MAXIMIZE: tl.constexpr,
         M_KIND: tl.constexpr, M_PACKED: tl.constexpr, M_STEPS: tl.constexpr,
         M_FMAX: tl.constexpr, M_MBITS: tl.constexpr, M_BIAS: tl.constexpr, M_MINNORM: tl.constexpr,
         M_SUBSCALE: tl.constexpr,
@@ -104,9 +111,19 @@ if triton is not None:
         V_FMAX: tl.constexpr, V_MBITS: tl.constexpr, V_BIAS: tl.constexpr, V_MINNORM: tl.constexpr,
         V_SUBSCALE: tl.constexpr,
     ):
-        blk = tl.program_id(0).to(tl.int64)
-        offs = tl.arange(0, HALF)
-        base = blk * (2 * HALF)
+        # The tile is (ROWS blocks, 2 halves, HALF elements): element j of half h of block r sits
+        # at r * B + h * HALF + j, so every row of the tile is contiguous (vector loads/stores),
+        # and byte j of a packed 4-bit block is the same (r, j) column of both halves.
+        HALF: tl.constexpr = BLOCK_SIZE // 2
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        rmask = rows < n_blocks
+        h = tl.arange(0, 2)
+        j = tl.arange(0, HALF)
+        offs = rows[:, None, None] * BLOCK_SIZE + (h * HALF)[None, :, None] + j[None, None, :]
+        mask = rmask[:, None, None] & (h[None, :, None] < 2) & (j[None, None, :] < HALF)
+        boffs = rows[:, None] * HALF + j[None, :]  # packed bytes
+        bmask = rmask[:, None] & (j[None, :] < HALF)
+        shift = (h * 4)[None, :, None]
         beta1 = tl.load(hp_ptr + 0)
         one_m_beta1 = tl.load(hp_ptr + 1)
         beta2 = tl.load(hp_ptr + 2)
@@ -115,72 +132,61 @@ if triton is not None:
         neg_step = tl.load(hp_ptr + 5)
         bc2_sqrt = tl.load(hp_ptr + 6)
         eps = tl.load(hp_ptr + 7)
-        m_absmax = tl.load(ma_ptr + blk)
-        v_absmax = tl.load(va_ptr + blk)
+        m_absmax = tl.load(ma_ptr + rows, mask=rmask, other=0.0)[:, None, None]
+        v_absmax = tl.load(va_ptr + rows, mask=rmask, other=0.0)[:, None, None]
 
-        # codes of both halves
         if M_PACKED:
-            mbyte = tl.load(mc_ptr + blk * HALF + offs).to(tl.int32)
-            mc0 = mbyte & 15
-            mc1 = mbyte >> 4
+            mc = (tl.load(mc_ptr + boffs, mask=bmask, other=0).to(tl.int32)[:, None, :] >> shift) & 15
         else:
-            mc0 = tl.load(mc_ptr + base + offs).to(tl.int32)
-            mc1 = tl.load(mc_ptr + base + HALF + offs).to(tl.int32)
+            mc = tl.load(mc_ptr + offs, mask=mask, other=0).to(tl.int32)
         if V_PACKED:
-            vbyte = tl.load(vc_ptr + blk * HALF + offs).to(tl.int32)
-            vc0 = vbyte & 15
-            vc1 = vbyte >> 4
+            vc = (tl.load(vc_ptr + boffs, mask=bmask, other=0).to(tl.int32)[:, None, :] >> shift) & 15
         else:
-            vc0 = tl.load(vc_ptr + base + offs).to(tl.int32)
-            vc1 = tl.load(vc_ptr + base + HALF + offs).to(tl.int32)
+            vc = tl.load(vc_ptr + offs, mask=mask, other=0).to(tl.int32)
 
-        g0 = tl.load(g_ptr + base + offs).to(tl.float32)
-        g1 = tl.load(g_ptr + base + HALF + offs).to(tl.float32)
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if MAXIMIZE:
-            g0 = -g0
-            g1 = -g1
-        m0 = tl.load(mtab_ptr + mc0) * m_absmax
-        m1 = tl.load(mtab_ptr + mc1) * m_absmax
-        v0 = tl.load(vtab_ptr + vc0) * v_absmax
-        v1 = tl.load(vtab_ptr + vc1) * v_absmax
-        m0 = m0 * beta1 + g0 * one_m_beta1
-        m1 = m1 * beta1 + g1 * one_m_beta1
-        v0 = v0 * beta2 + (g0 * g0) * one_m_beta2
-        v1 = v1 * beta2 + (g1 * g1) * one_m_beta2
+            g = -g
+        m = tl.load(mtab_ptr + mc) * m_absmax
+        v = tl.load(vtab_ptr + vc) * v_absmax
+        m = m * beta1 + g * one_m_beta1
+        v = v * beta2 + (g * g) * one_m_beta2
 
-        p0 = tl.load(p_ptr + base + offs).to(tl.float32)
-        p1 = tl.load(p_ptr + base + HALF + offs).to(tl.float32)
-        d0 = tl.div_rn(tl.sqrt_rn(v0), bc2_sqrt) + eps
-        d1 = tl.div_rn(tl.sqrt_rn(v1), bc2_sqrt) + eps
-        p0 = p0 * decay + neg_step * tl.div_rn(m0, d0)
-        p1 = p1 * decay + neg_step * tl.div_rn(m1, d1)
-        tl.store(p_ptr + base + offs, p0.to(p_ptr.dtype.element_ty))
-        tl.store(p_ptr + base + HALF + offs, p1.to(p_ptr.dtype.element_ty))
+        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        d = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
+        p = p * decay + neg_step * tl.div_rn(m, d)
+        tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
 
-        # requantize with the new absmax (flushed to 0 below float32's smallest normal)
+        # requantize with each block's new absmax (flushed to 0 below float32's smallest normal)
         tiny = 1.1754943508222875e-38
-        new_ma = tl.maximum(tl.max(tl.abs(m0), axis=0), tl.max(tl.abs(m1), axis=0))
-        new_va = tl.maximum(tl.max(tl.abs(v0), axis=0), tl.max(tl.abs(v1), axis=0))
+        new_ma = tl.max(tl.max(tl.abs(m), axis=2), axis=1)
+        new_va = tl.max(tl.max(tl.abs(v), axis=2), axis=1)
         new_ma = tl.where(new_ma >= tiny, new_ma, 0.0)
         new_va = tl.where(new_va >= tiny, new_va, 0.0)
-        m_inv = tl.where(new_ma > 0, tl.div_rn(1.0, tl.maximum(new_ma, tiny)), 0.0)
-        v_inv = tl.where(new_va > 0, tl.div_rn(1.0, tl.maximum(new_va, tiny)), 0.0)
-        mq0 = _encode(m0 * m_inv, mmid_ptr, M_KIND, M_STEPS, M_FMAX, M_MBITS, M_BIAS, M_MINNORM, M_SUBSCALE)
-        mq1 = _encode(m1 * m_inv, mmid_ptr, M_KIND, M_STEPS, M_FMAX, M_MBITS, M_BIAS, M_MINNORM, M_SUBSCALE)
-        vq0 = _encode(v0 * v_inv, vmid_ptr, V_KIND, V_STEPS, V_FMAX, V_MBITS, V_BIAS, V_MINNORM, V_SUBSCALE)
-        vq1 = _encode(v1 * v_inv, vmid_ptr, V_KIND, V_STEPS, V_FMAX, V_MBITS, V_BIAS, V_MINNORM, V_SUBSCALE)
-        if M_PACKED:
-            tl.store(mc_ptr + blk * HALF + offs, (mq0 | (mq1 << 4)).to(tl.uint8))
+        m_inv = tl.where(new_ma > 0, tl.div_rn(tl.full(new_ma.shape, 1.0, tl.float32), tl.maximum(new_ma, tiny)), 0.0)
+        v_inv = tl.where(new_va > 0, tl.div_rn(tl.full(new_va.shape, 1.0, tl.float32), tl.maximum(new_va, tiny)), 0.0)
+        mq = _encode(m * m_inv[:, None, None], mmid_ptr, M_KIND, M_STEPS, M_FMAX, M_MBITS, M_BIAS, M_MINNORM,
+                     M_SUBSCALE)
+        vq = _encode(v * v_inv[:, None, None], vmid_ptr, V_KIND, V_STEPS, V_FMAX, V_MBITS, V_BIAS, V_MINNORM,
+                     V_SUBSCALE)
+        if M_PACKED:  # the two nibbles do not overlap: their sum is their OR
+            tl.store(mc_ptr + boffs, tl.sum(mq << shift, axis=1).to(tl.uint8), mask=bmask)
         else:
-            tl.store(mc_ptr + base + offs, mq0.to(tl.uint8))
-            tl.store(mc_ptr + base + HALF + offs, mq1.to(tl.uint8))
+            tl.store(mc_ptr + offs, mq.to(tl.uint8), mask=mask)
         if V_PACKED:
-            tl.store(vc_ptr + blk * HALF + offs, (vq0 | (vq1 << 4)).to(tl.uint8))
+            tl.store(vc_ptr + boffs, tl.sum(vq << shift, axis=1).to(tl.uint8), mask=bmask)
         else:
-            tl.store(vc_ptr + base + offs, vq0.to(tl.uint8))
-            tl.store(vc_ptr + base + HALF + offs, vq1.to(tl.uint8))
-        tl.store(ma_ptr + blk, new_ma)
-        tl.store(va_ptr + blk, new_va)
+            tl.store(vc_ptr + offs, vq.to(tl.uint8), mask=mask)
+        tl.store(ma_ptr + rows, new_ma, mask=rmask)
+        tl.store(va_ptr + rows, new_va, mask=rmask)
+
+
+def tile_shape(block_size: int, n_blocks: int) -> tuple[int, int]:
+    """``(rows, num_warps)`` of one program: about :data:`TILE` elements (whole blocks, a power of
+    two of them, no more than there are), 4 warps up to 1024 elements and 8 above."""
+    rows = max(1, TILE // block_size)
+    rows = min(rows, max(1, 1 << (max(n_blocks, 1) - 1).bit_length()))
+    return rows, (8 if rows * block_size > 1024 else 4)
 
 
 def _format_args(sf: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
@@ -218,7 +224,8 @@ def adamw_blocks_triton_(p: torch.Tensor, g: torch.Tensor, m_codes: torch.Tensor
     mt, mm, mk = _format_args(m_fmt, p.device)
     vt, vm, vk = _format_args(v_fmt, p.device)
     kw = {f"M_{k}": v for k, v in mk.items()} | {f"V_{k}": v for k, v in vk.items()}
-    _adamw_blocks_kernel[(nb,)](
-        p, g, m_codes, m_absmax, v_codes, v_absmax, mt, mm, vt, vm, hp.to(p.device),
-        HALF=bs // 2, MAXIMIZE=bool(maximize), enable_fp_fusion=False, **kw,
+    rows, warps = tile_shape(bs, nb)
+    _adamw_blocks_kernel[(triton.cdiv(nb, rows),)](
+        p, g, m_codes, m_absmax, v_codes, v_absmax, mt, mm, vt, vm, hp.to(p.device), nb,
+        BLOCK_SIZE=bs, ROWS=rows, MAXIMIZE=bool(maximize), enable_fp_fusion=False, num_warps=warps, **kw,
     )

@@ -9,12 +9,14 @@ looks the codes up and divides by the scale. Both return / take a
 interchangeable: the reference is :func:`lowprec.formats.quantize` / ``dequantize`` and the
 kernels agree with it bit for bit.
 
-Kernel shapes. Quantize: one program per ``ROWS`` blocks; each block is read as its even and its
-odd elements (two strided loads), so the block's absmax, the codes and the packed bytes come out
-of one pass without a reshape; the nearest code is a branch-free binary search over the sorted
+Kernel shapes. Quantize: one program per ``ROWS`` blocks (about ``TILE`` elements); the tile is
+read with contiguous vector loads and split into even and odd elements in registers
+(``tl.reshape`` + ``tl.split``), so the block's absmax, the codes and the packed bytes come out
+of one pass, and the bytes are stored contiguously; the nearest code is a branch-free binary search over the sorted
 midpoints (4 probes for 16 codes). Odd block sizes cannot pack inside a block, so the kernel
 writes one code per byte and the host packs them. Dequantize: one program per ``BLOCK``
-elements of the flat tensor, any granularity.
+elements of the flat tensor, any granularity; packed codes are read as ``BLOCK / 2`` whole bytes
+and their nibbles interleaved in registers (``tl.join``).
 """
 
 from __future__ import annotations
@@ -36,12 +38,12 @@ from lowprec.formats import (
     pack_nibbles,
     quantize,
 )
-from lowprec.kernels.dispatch import Backend, choose_backend
+from lowprec.kernels.dispatch import Backend, choose_backend, tensors_loadable
 from lowprec.kernels.triton_helpers import NARROW_FLOATS, tl, triton
 
 MAX_BLOCK_SIZE = 8192  # larger blocks go to the reference (one block must fit one program)
 TILE = 2048  # elements per quantize program (ROWS blocks of the block size)
-BLOCK = 1024  # elements per dequantize program
+BLOCK = 4096  # elements per dequantize program, 8 warps (512 code words: 8 bytes per thread)
 OUT_DTYPES = {torch.float32: None, torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
@@ -75,7 +77,11 @@ def codebook_quantize(
         s = _check_scale(scale).to(x.device)
         _check_scale_shape(s, x, "block", block_size)
     chosen = backend or choose_backend(x, kernel="codebook_quantize")
+    if not tensors_loadable(x):  # e.g. E4M3 input below sm_89: the kernel cannot load it
+        chosen = "torch"
     if chosen == "torch" or block_size > MAX_BLOCK_SIZE:
+        if x.element_size() == 1:  # FP8 input: torch's CPU amax has no FP8 kernel; widening is exact
+            x = x.float()
         return quantize(x, f, s, "block", block_size, pack)
     return _triton_quantize(x, f, block_size, s, pack)
 
@@ -127,9 +133,11 @@ def _triton_quantize(x, f: CodebookFormat, block_size: int, s, pack: bool) -> Qu
         mids, steps = _search_table(f, dev)
         half = triton.next_power_of_2(max(1, (block_size + 1) // 2))
         rows = max(1, TILE // (2 * half))
+        # about 8 elements per thread: 4 warps for the 2048-element tile, up to 16 for one 8192 block
+        warps = min(16, max(4, rows * 2 * half // 256))
         _codebook_quant_kernel[(triton.cdiv(n_blocks, rows),)](
             xc, codes, scale, mids, n_blocks, BLOCK_SIZE=block_size, HALF=half, ROWS=rows, STEPS=steps,
-            N_CODES=len(f.codes), FMAX=f.max, HAS_SCALE=s is not None, PACK=pack_in_kernel)
+            N_CODES=len(f.codes), FMAX=f.max, HAS_SCALE=s is not None, PACK=pack_in_kernel, num_warps=warps)
     if packed and not pack_in_kernel:
         codes = pack_nibbles(codes)
     elif not packed:
@@ -152,14 +160,17 @@ def _triton_dequantize(q: QuantizedTensor, f: CodebookFormat, dtype: torch.dtype
         group = max(n, 1)  # one scale for everything, whatever the granularity says
     out_kind = OUT_DTYPES[dtype]
     out = torch.empty(n, dtype=torch.float32 if out_kind is None else torch.int16, device=dev)
+    data = q.data.contiguous()
+    # packed codes read as 32-bit words when every word lies inside the codes (n a multiple of 8)
+    words = bool(q.packed and n % 8 == 0 and data.data_ptr() % 4 == 0)
     if n:
         consts = dict(MANT=0, EMIN=0, MAX_CODE=0, NAN_CODE=0)
         if out_kind is not None:
             mant, emin, max_code, nan_code, _ = NARROW_FLOATS[out_kind]
             consts = dict(MANT=mant, EMIN=emin, MAX_CODE=max_code, NAN_CODE=nan_code)
         _codebook_dequant_kernel[(triton.cdiv(n, BLOCK),)](
-            q.data.contiguous(), f.table.to(dev), scale, out, n, group, PACKED=q.packed,
-            NARROW=out_kind is not None, BLOCK=BLOCK, **consts)
+            data, f.table.to(dev), scale, out, n, group, PACKED=q.packed,
+            NARROW=out_kind is not None, BLOCK=BLOCK, WORDS=words, num_warps=8, **consts)
     return out.view(dtype).reshape(q.shape)
 
 
@@ -182,43 +193,62 @@ if triton is not None:
                                HALF: tl.constexpr, ROWS: tl.constexpr, STEPS: tl.constexpr,
                                N_CODES: tl.constexpr, FMAX: tl.constexpr, HAS_SCALE: tl.constexpr,
                                PACK: tl.constexpr):
+        # One contiguous (ROWS, 2 * HALF) load (vectorised), then even / odd elements apart in
+        # registers: reshape to (ROWS, HALF, 2) and split the last axis.
         rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
         rmask = rows < n_blocks
-        j = tl.arange(0, HALF)
-        even = 2 * j
-        odd = even + 1
+        c = tl.arange(0, 2 * HALF)
         base = rows[:, None] * BLOCK_SIZE
-        me = rmask[:, None] & (even[None, :] < BLOCK_SIZE)
-        mo = rmask[:, None] & (odd[None, :] < BLOCK_SIZE)
-        xe = tl.load(x_ptr + base + even[None, :], mask=me, other=0.0).to(tl.float32)
-        xo = tl.load(x_ptr + base + odd[None, :], mask=mo, other=0.0).to(tl.float32)
+        m = rmask[:, None] & (c[None, :] < BLOCK_SIZE)
+        x = tl.load(x_ptr + base + c[None, :], mask=m, other=0.0).to(tl.float32)
+        xe, xo = tl.split(tl.reshape(x, (ROWS, HALF, 2)))
         if HAS_SCALE:
             s = tl.load(scale_ptr + rows, mask=rmask, other=1.0)
         else:
-            amax_bits = tl.maximum(tl.max(abs_bits_of(xe), axis=1), tl.max(abs_bits_of(xo), axis=1))
+            amax_bits = tl.max(abs_bits_of(x), axis=1)
             s = scale_from_amax_bits(amax_bits, FMAX, 1.0, False)
             tl.store(scale_ptr + rows, s, mask=rmask)
         ce = _nearest_code(xe * s[:, None], mids_ptr, STEPS, N_CODES)
         co = _nearest_code(xo * s[:, None], mids_ptr, STEPS, N_CODES)
         if PACK:
             byte = ce | (co << 4)
-            tl.store(codes_ptr + rows[:, None] * (BLOCK_SIZE // 2) + j[None, :], byte.to(tl.uint8), mask=mo)
+            if BLOCK_SIZE % 8 == 0:
+                # four bytes to a 32-bit word (little-endian; the shifted bytes do not overlap, so
+                # their sum is their OR), stored as whole words: a block is BLOCK_SIZE / 8 words
+                w = tl.arange(0, HALF // 4)
+                word = tl.sum(tl.reshape(byte, (ROWS, HALF // 4, 4)) << (tl.arange(0, 4) * 8)[None, None, :], axis=2)
+                tl.store(codes_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None] * (BLOCK_SIZE // 8) + w[None, :],
+                         word, mask=rmask[:, None] & (w[None, :] < HALF // 4))
+            else:
+                j = tl.arange(0, HALF)
+                tl.store(codes_ptr + rows[:, None] * (BLOCK_SIZE // 2) + j[None, :], byte.to(tl.uint8),
+                         mask=rmask[:, None] & (2 * j[None, :] + 1 < BLOCK_SIZE))
         else:
-            tl.store(codes_ptr + base + even[None, :], ce.to(tl.uint8), mask=me)
-            tl.store(codes_ptr + base + odd[None, :], co.to(tl.uint8), mask=mo)
+            both = tl.reshape(tl.join(ce, co), (ROWS, 2 * HALF))
+            tl.store(codes_ptr + base + c[None, :], both.to(tl.uint8), mask=m)
 
     @triton.jit
     def _codebook_dequant_kernel(codes_ptr, table_ptr, scale_ptr, out_ptr, n, group, PACKED: tl.constexpr,
                                  NARROW: tl.constexpr, BLOCK: tl.constexpr, MANT: tl.constexpr,
-                                 EMIN: tl.constexpr, MAX_CODE: tl.constexpr, NAN_CODE: tl.constexpr):
+                                 EMIN: tl.constexpr, MAX_CODE: tl.constexpr, NAN_CODE: tl.constexpr,
+                                 WORDS: tl.constexpr):
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
-        if PACKED:
-            byte = tl.load(codes_ptr + (offs >> 1), mask=mask, other=0).to(tl.int32)
-            code = (byte >> ((offs & 1) * 4).to(tl.int32)) & 0xF
+        if PACKED and WORDS:
+            # BLOCK / 8 little-endian 32-bit words, eight nibbles each: element 8w + k is bits 4k
+            w = tl.program_id(0).to(tl.int64) * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
+            word = tl.load(codes_ptr.to(tl.pointer_type(tl.int32)) + w, mask=8 * w < n, other=0)
+            nib = (word[:, None] >> (tl.arange(0, 8) * 4)[None, :]) & 0xF
+            code = tl.reshape(nib, (BLOCK,))
+        elif PACKED:
+            # BLOCK / 2 whole bytes (vectorised), then low / high nibbles interleaved in registers
+            b = tl.program_id(0).to(tl.int64) * (BLOCK // 2) + tl.arange(0, BLOCK // 2)
+            byte = tl.load(codes_ptr + b, mask=2 * b < n, other=0).to(tl.int32)
+            code = tl.reshape(tl.join(byte & 0xF, byte >> 4), (BLOCK,))
         else:
             code = tl.load(codes_ptr + offs, mask=mask, other=0).to(tl.int32)
-        v = tl.load(table_ptr + code, mask=mask, other=0.0)
+        code = tl.where(mask, code, 0)
+        v = tl.load(table_ptr + code)
         s = tl.load(scale_ptr + offs // group, mask=mask, other=1.0)
         y = tl.math.div_rn(v, s)
         if NARROW:

@@ -34,7 +34,7 @@ from lowprec.formats import (
     quantize,
     scale_from_amax,
 )
-from lowprec.kernels.dispatch import Backend, choose_backend
+from lowprec.kernels.dispatch import Backend, choose_backend, tensors_loadable
 from lowprec.kernels.triton_helpers import NARROW_FLOATS, tl, triton
 
 FP8_FORMATS = ("e4m3", "e5m2")
@@ -109,7 +109,11 @@ def scaled_fp8_cast(
     """
     f, s = _validate(x, fmt, scale, granularity)
     chosen = backend or choose_backend(x, kernel="scaled_fp8_cast")
+    if not tensors_loadable(x):  # e.g. E4M3 input below sm_89: the kernel cannot load it
+        chosen = "torch"
     if chosen == "torch":
+        if x.element_size() == 1:  # FP8 input: torch's CPU amax has no FP8 kernel; widening is exact
+            x = x.float()
         return scaled_fp8_cast_reference(x, f, s, granularity, margin, power_of_two)
     return _triton_cast(x, f, s, granularity, margin, power_of_two)
 

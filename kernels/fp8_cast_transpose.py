@@ -88,8 +88,9 @@ if triton is not None:
                                FP8_MAX: tl.constexpr, BIAS: tl.constexpr, MBITS: tl.constexpr,
                                NAN_BYTE: tl.constexpr, TRANSPOSE: tl.constexpr,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
+        # 64-bit offsets: M * N past 2**31 elements must not wrap
+        pid_m = tl.program_id(0).to(tl.int64)
+        pid_n = tl.program_id(1).to(tl.int64)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask = (rm[:, None] < M) & (rn[None, :] < N)
@@ -99,14 +100,11 @@ if triton is not None:
         tl.store(q_ptr + rm[:, None] * N + rn[None, :], code, mask=mask)
         if TRANSPOSE:
             tl.store(qt_ptr + rn[None, :] * M + rm[:, None], code, mask=mask)
-        a = tl.abs(x)
-        # NaN must win the max (torch.amax propagates it): turn NaN into +inf here, and the
-        # host maps inf back to NaN where the input had a NaN (tracked through the flag below).
-        a = tl.where(a != a, float("inf"), a)
-        tile_max = tl.max(tl.max(a, axis=1), axis=0)
-        tl.atomic_max(amax_ptr, tile_max)
-        has_nan = tl.max(tl.max((x != x).to(tl.int32), axis=1), axis=0)
-        tl.atomic_max(amax_ptr + 1, has_nan.to(tl.float32))
+        # amax as the max of |x|'s float32 bit patterns (integer order is float order, and NaN
+        # patterns sort above inf, so a NaN wins as in torch.amax): reduced over the tile, then
+        # one atomic per program
+        a = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+        tl.atomic_max(amax_ptr, tl.max(tl.max(a, axis=1), axis=0))
 
 
 def cast_transpose_triton(x: torch.Tensor, scale: torch.Tensor, fmt: str | FloatFormat = "e4m3",
@@ -121,13 +119,13 @@ def cast_transpose_triton(x: torch.Tensor, scale: torch.Tensor, fmt: str | Float
     m, n = x.shape
     q = torch.empty((m, n), dtype=torch.uint8, device=x.device)
     qt = torch.empty((n, m), dtype=torch.uint8, device=x.device) if transpose else q
-    amax = torch.zeros(2, dtype=torch.float32, device=x.device)
+    amax_bits = torch.zeros(1, dtype=torch.int32, device=x.device)
     if x.numel():
         grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-        _cast_transpose_kernel[grid](x, scale.float().reshape(1).contiguous(), q, qt, amax, m, n,
+        _cast_transpose_kernel[grid](x, scale.float().reshape(1).contiguous(), q, qt, amax_bits, m, n,
                                      x.stride(0), x.stride(1), FP8_MAX=f.max, BIAS=bias, MBITS=mbits,
                                      NAN_BYTE=nan_byte, TRANSPOSE=transpose, BLOCK_M=block_m, BLOCK_N=block_n)
-    a = torch.where(amax[1] > 0, torch.full_like(amax[0], float("nan")), amax[0])
+    a = amax_bits.view(torch.float32).reshape(())
     return q.view(f.dtype), (qt.view(f.dtype) if transpose else None), a
 
 

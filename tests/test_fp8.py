@@ -435,11 +435,14 @@ def test_cast_widened_bit_exact(fmt, compiled, monkeypatch):
         assert torch.equal(out[~nan].view(torch.int32), ref[~nan].view(torch.int32))
 
 
-def test_auto_gemm_backend_resolves_by_device():
+def test_auto_gemm_backend_resolves_by_device(monkeypatch):
+    import lowprec.fp8.functional as fn
     from lowprec.fp8.functional import resolve_backend
 
     assert resolve_backend("auto", torch.device("cpu")) == "emulated"
+    monkeypatch.setattr(fn, "capability_of", lambda device: (9, 0))  # a Hopper GPU (faked)
     assert resolve_backend("auto", torch.device("cuda")) == "scaled_mm"
+    monkeypatch.undo()  # capability by compute capability: tests/test_fp8_kernels.py
     assert resolve_backend("scaled_mm", torch.device("cpu")) == "scaled_mm"
     with pytest.raises(ValueError, match="FP8 GEMM backend"):
         resolve_backend("tensor_cores", torch.device("cpu"))

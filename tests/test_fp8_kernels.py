@@ -177,3 +177,87 @@ def test_bad_inputs_are_named():
         amax_scale_update_reference(torch.zeros(2, 4), torch.zeros(2), torch.ones(2), torch.ones(2), 4)
     with pytest.raises(ValueError, match="shape \\(2,\\)"):
         amax_scale_update_reference(torch.zeros(2, 4), torch.zeros(3), torch.ones(2), torch.ones(2), 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# GEMM dispatch by compute capability (faked: this machine has no GPU)
+# ----------------------------------------------------------------------------------------------
+
+
+def _fake_capability(monkeypatch, cap):
+    """Make every device look like a CUDA GPU of capability ``cap`` to the GEMM dispatch, and
+    forget earlier warnings, so the decision and the warning can be checked on the CPU."""
+    import lowprec.fp8.functional as fn
+
+    monkeypatch.setattr(fn, "capability_of", lambda device: cap)
+    monkeypatch.setattr(fn, "_warned_no_fp8", set())
+
+
+@pytest.mark.skipif(INTERPRETED, reason="checks the non-interpreted process")
+def test_auto_gemm_picks_scaled_mm_only_from_sm89(monkeypatch):
+    import warnings
+
+    from lowprec.fp8.functional import Fp8EmulationWarning, resolve_backend
+
+    for cap, want in (((8, 0), "emulated"), ((8, 6), "emulated"), ((8, 9), "scaled_mm"), ((9, 0), "scaled_mm"),
+                      ((10, 0), "scaled_mm"), (None, "emulated")):
+        _fake_capability(monkeypatch, cap)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = [resolve_backend("auto", torch.device("cpu")) for _ in range(3)]
+            assert resolve_backend("emulated", torch.device("cpu")) == "emulated"
+            assert resolve_backend("scaled_mm", torch.device("cpu")) == "scaled_mm"  # explicit: as asked
+        assert got == [want] * 3
+        n_warn = sum(issubclass(w.category, Fp8EmulationWarning) for w in caught)
+        assert n_warn == (1 if want == "emulated" and cap is not None else 0), (cap, n_warn)
+
+
+@pytest.mark.skipif(INTERPRETED, reason="checks the non-interpreted process")
+@pytest.mark.parametrize("recipe", ["fp8", "unit-fp8", "fp8-delayed"])
+def test_faked_sm80_runs_fp8_recipes_forward_and_backward_emulated_with_one_warning(monkeypatch, recipe):
+    """An A100 (8.0): torch._scaled_mm would raise there, so it must never be called; training
+    steps run the emulated GEMM and the user is told once that FP8 gives no speed-up."""
+    import warnings
+
+    from torch import nn
+
+    import lowprec
+    from lowprec.fp8.functional import Fp8EmulationWarning
+
+    _fake_capability(monkeypatch, (8, 0))
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("torch._scaled_mm is only supported on CUDA devices with compute capability >= 9.0 or 8.9")
+
+    monkeypatch.setattr(torch, "_scaled_mm", refuse)
+    model = lowprec.convert(nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32)), recipe)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            x = torch.randn(16, 32, requires_grad=True)
+            loss = model(x).square().mean()
+            loss.backward()
+            assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+            assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    assert sum(issubclass(w.category, Fp8EmulationWarning) for w in caught) == 1
+
+
+@pytest.mark.skipif(INTERPRETED, reason="checks the non-interpreted process")
+def test_faked_sm90_uses_scaled_mm(monkeypatch):
+    """On 8.9+ the same model goes through torch._scaled_mm (which also runs on the CPU here)."""
+    from torch import nn
+
+    import lowprec
+
+    _fake_capability(monkeypatch, (9, 0))
+    calls = []
+    real = torch._scaled_mm
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_scaled_mm", counting)
+    model = lowprec.convert(nn.Sequential(nn.Linear(32, 64)), "fp8")
+    model(torch.randn(16, 32, requires_grad=True)).sum().backward()
+    assert len(calls) == 3  # forward, grad-input, grad-weight

@@ -31,7 +31,8 @@ SCRIPT = textwrap.dedent(
     fails = []
     for name, mf, vf in CASES:
         for dtype, maximize in ((torch.float32, False), (torch.float16, True)):
-            nb, bs = 3, mf.block_size
+            # 3 blocks: one program, a masked row; 37 blocks of 128: three 16-block programs, the last ragged
+            nb, bs = (37 if name == "4bit" else 3), mf.block_size
             # ragged magnitudes: per-block scales over 6 decades, a zero block, subnormal-range values
             p = (torch.randn(nb, bs) * torch.logspace(-3, 0, nb)[:, None]).to(dtype)
             states = [zero_state(nb * bs, mf), zero_state(nb * bs, vf)]

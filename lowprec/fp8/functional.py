@@ -13,14 +13,24 @@ then matmul. Both accumulate in float32.
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
 from lowprec.compiled import run_compiled
 from lowprec.formats import FloatFormat
 from lowprec.fp8.scaling import cast_to_fp8
+from lowprec.kernels.dispatch import capability_of
 
 GEMM_BACKENDS = ("auto", "scaled_mm", "emulated")
+# torch._scaled_mm's CUDA kernels need FP8 tensor cores: Ada (8.9), Hopper (9.0) and later.
+SCALED_MM_MIN_CAPABILITY = (8, 9)
+_warned_no_fp8: set[tuple[int, int]] = set()
+
+
+class Fp8EmulationWarning(UserWarning):
+    """An FP8 recipe runs on a GPU without FP8 tensor cores: the emulated GEMM is used (same
+    numerics as FP8, no speed-up)."""
 _ZERO = torch.zeros(())  # addmm's (ignored, beta=0) input on the CPU
 _WIDEN_TABLES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 
@@ -42,14 +52,28 @@ def widen(q: torch.Tensor) -> torch.Tensor:
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     """The GEMM a recipe's ``cast.gemm`` means on ``device``: ``"auto"`` is ``torch._scaled_mm`` on
-    CUDA (FP8 tensor cores) and the emulated GEMM elsewhere. A CPU has no FP8 arithmetic:
-    ``torch._scaled_mm`` there widens its operands chunk by chunk and then multiplies in float32,
-    which is what the emulated path does in fewer passes (``benchmarks/bench_fp8.py``)."""
+    a CUDA device of compute capability 8.9 or more (FP8 tensor cores) and the emulated GEMM
+    everywhere else. Below 8.9 (A100, V100) ``torch._scaled_mm`` refuses to run, so an FP8 recipe
+    there runs emulated, with one :class:`Fp8EmulationWarning` per capability saying there is no
+    FP8 speed-up. A CPU has no FP8 arithmetic either: ``torch._scaled_mm`` there widens its
+    operands chunk by chunk and then multiplies in float32, which is what the emulated path does
+    in fewer passes (``benchmarks/bench_fp8.py``). An explicit ``"scaled_mm"`` is kept as asked."""
     if backend not in GEMM_BACKENDS:
         raise ValueError(f"FP8 GEMM backend must be one of {', '.join(GEMM_BACKENDS)}; got {backend!r}")
-    if backend == "auto":
-        return "scaled_mm" if device.type == "cuda" else "emulated"
-    return backend
+    if backend != "auto":
+        return backend
+    cap = capability_of(device)
+    if cap is None:
+        return "emulated"
+    if tuple(cap) >= SCALED_MM_MIN_CAPABILITY:
+        return "scaled_mm"
+    if tuple(cap) not in _warned_no_fp8:
+        _warned_no_fp8.add(tuple(cap))
+        warnings.warn(f"lowprec: this GPU (compute capability {cap[0]}.{cap[1]}) has no FP8 tensor cores "
+                      f"(they need {SCALED_MM_MIN_CAPABILITY[0]}.{SCALED_MM_MIN_CAPABILITY[1]} or newer); FP8 "
+                      f"recipes run the emulated GEMM: FP8 numerics, no FP8 speed-up", Fp8EmulationWarning,
+                      stacklevel=3)
+    return "emulated"
 
 
 def cast_widened(x: torch.Tensor, scale: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
