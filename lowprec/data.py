@@ -44,10 +44,17 @@ def _as_tokens(chunks: list[bytes]) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=2)
-def stdlib_corpus(max_bytes: int | None = 4_000_000) -> TextCorpus:
-    """The standard library's ``.py`` files, every 10th to validation; at most ``max_bytes`` in all."""
+def stdlib_corpus(max_bytes: int | None = 4_000_000, half: int | None = None) -> TextCorpus:
+    """The standard library's ``.py`` files, every 10th to validation; at most ``max_bytes`` in all.
+
+    ``half=0`` / ``half=1`` keeps only the even / odd files of the sorted list: two disjoint
+    corpora of the same kind of text, to pretrain on one and fine-tune on the other."""
     root = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and "dist-packages" not in p.parts)
+    if half is not None:
+        if half not in (0, 1):
+            raise ValueError(f"stdlib_corpus: half must be 0, 1 or None; got {half!r}")
+        files = files[half::2]
     if not files:
         raise FileNotFoundError(f"no .py files found under the standard library directory {str(root)!r}")
     train, val, total = [], [], 0
@@ -60,7 +67,7 @@ def stdlib_corpus(max_bytes: int | None = 4_000_000) -> TextCorpus:
         total += len(data)
         if max_bytes is not None and total >= max_bytes:
             break
-    return TextCorpus(_as_tokens(train), _as_tokens(val), source=str(root))
+    return TextCorpus(_as_tokens(train), _as_tokens(val), source=str(root) + ("" if half is None else f" (half {half})"))
 
 
 def split_sizes(n_bytes: int, val_fraction: float) -> tuple[int, int]:
