@@ -32,7 +32,7 @@ _SUBMODULES = {
     "checkpoint",
     "cli",
 }
-_EXPORTS = {"convert": "recipes", "Recipe": "recipes"}
+_EXPORTS = {"convert": "recipes", "Recipe": "recipes", "export": "export"}
 
 __all__ = sorted(_SUBMODULES | set(_EXPORTS))
 

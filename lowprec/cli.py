@@ -318,6 +318,8 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     print(f"{status}: final validation loss {result.final_val_loss:.4f} nats/byte, "
           f"median step {result.median_step_time_s * 1e3:.0f} ms, optimizer state {state_bytes / 2**20:.2f} MiB, "
           f"skipped steps {len(skipped)}{where if skipped else ''}, FP8 non-finite inputs {result.nonfinite_inputs}")
+    if args.export:
+        _save_export(inner, args.export, args.seq_len)
     _finish(run_dir, files)
     return 1 if result.diverged_at is not None else 0
 
@@ -486,6 +488,33 @@ def _load_weights(model, path: str | None) -> None:
     if path is not None:
         step = load_checkpoint(path, model)
         print(f"loaded weights from {find_checkpoint(path)} (step {step})")
+
+
+def _save_export(model, out: str | Path, seq_len: int | None) -> None:
+    """``lowprec.export`` the converted ``model`` and write it with ``save_pretrained`` to ``out``."""
+    from lowprec.export import export
+
+    plain = export(model.eval(), seq_len=seq_len)
+    plain.save_pretrained(out)
+    print(f"exported {type(plain).__name__} (plain weights, loads with transformers alone) to {out}")
+
+
+def cmd_export(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
+    """``lowprec export RUN_DIR --out DIR``: the run's model rebuilt as it was trained (recorded model
+    config, recipe and plan, latest checkpoint), folded back into its original class and saved."""
+    ck = find_checkpoint(args.run)
+    recipe = _recipe_from_args(None, argparse.Namespace(overrides=[], init=None), str(ck))
+    if recipe is None:
+        raise CLIError(f"{str(ck)!r}: the run records no recipe; only runs of lowprec train can be exported")
+    from lowprec.checkpoint import read_meta
+
+    settings = read_meta(ck).get("settings") or {}
+    model = load_model(settings.get("model_config"))
+    model, _, _ = _convert(model, recipe, plan=settings.get("plan"))
+    step = load_checkpoint(ck, model)
+    print(f"loaded {ck} (step {step})")
+    _save_export(model, args.out, args.seq_len or settings.get("seq_len"))
+    return 0
 
 
 def cmd_sensitivity(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
@@ -764,9 +793,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", choices=("ddp", "fsdp"), default="ddp",
                    help="data parallelism under torchrun: DDP or FSDP2 fully_shard (default %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--export", metavar="DIR", help="at the end, write the trained model as a standard Hugging Face "
+                   "checkpoint (scales folded into the weights: lowprec.export) to DIR")
     _add_recipe_options(p)
     _add_out(p, "train")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", help="write a trained run as a standard Hugging Face checkpoint",
+                       description="Rebuild RUN_DIR's model as it was trained (recorded model config, recipe and "
+                                   "plan; latest checkpoint), fold every unit scale and residual weight back into "
+                                   "plain weights of the original class (lowprec.export) and save_pretrained it "
+                                   "to --out: it loads with transformers alone.")
+    p.add_argument("run", metavar="RUN_DIR", help="a lowprec train run directory or checkpoint")
+    p.add_argument("--out", required=True, metavar="DIR", help="where to write the checkpoint")
+    p.add_argument("--seq-len", type=_positive, help="key length the attention output scale is fixed at "
+                   "(default: the run's sequence length)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("sensitivity", help="score each layer's sensitivity to quantization and choose bits",
                        description="Score every linear layer of the model at each bit width (measured loss "
