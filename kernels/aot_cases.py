@@ -22,7 +22,8 @@ The optimizer's state formats live above this package (``lowprec.optim``); calle
 from __future__ import annotations
 
 import itertools
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 
@@ -116,9 +117,9 @@ def amax_scale_launches() -> list[Launch]:
 
 
 def codebook_launches() -> list[Launch]:
+    import lowprec.formats as formats
     from lowprec.formats import CodebookFormat, dequantize, get_format  # noqa: F401
     from lowprec.kernels.codebook import _triton_dequantize, _triton_quantize
-    import lowprec.formats as formats
 
     fmts = sorted({f.name: f for f in vars(formats).values() if isinstance(f, CodebookFormat)}.values(),
                   key=lambda f: f.name)

@@ -41,8 +41,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 TARGETS: dict[str, int] = {"sm_80": 80, "sm_89": 89, "sm_90": 90, "sm_100": 100}
 CACHE_VERSION = 1

@@ -27,8 +27,10 @@ import torch
 
 pytest.importorskip("triton")
 
-from lowprec.kernels import aot_check  # noqa: E402
-from lowprec.kernels import dispatch  # noqa: E402
+from lowprec.kernels import (
+    aot_check,  # noqa: E402
+    dispatch,  # noqa: E402
+)
 
 pytestmark = pytest.mark.skipif(not aot_check.available(), reason="Triton's ptxas / cuobjdump not found")
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,8 +88,8 @@ def test_compiles_everywhere_the_dispatch_sends_it(compiled):
 
 
 def test_no_register_spills_or_local_memory(compiled):
-    spilled = [f"{t} {l.kernel} [{l.note}]: stack {r.stack} local {r.local} regs {r.regs}"
-               for (l, t), r in compiled if r.ok and r.spills]
+    spilled = [f"{t} {launch.kernel} [{launch.note}]: stack {r.stack} local {r.local} regs {r.regs}"
+               for (launch, t), r in compiled if r.ok and r.spills]
     assert not spilled, "\n".join(spilled[:20])
 
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lowprec.formats import FloatFormat
+from lowprec.formats import AMAX_FLOOR, FloatFormat
 from lowprec.fp8.functional import (
     GEMM_BACKENDS,
     cast_widened,
@@ -296,6 +296,8 @@ class Fp8Gemm(nn.Module):
             return q, qt, s
         delayed = kind == "delayed"
         update = self.training or not delayed
+        if delayed and torch.compiler.is_compiling():
+            return self._delayed_traced(t, role, fmt, transpose, widened, update)
         if not delayed or not bool(self.initialized[role]):
             amax = all_reduce_amax(tensor_amax(t), self.group)
             self._note_amax(amax, role)
@@ -317,6 +319,43 @@ class Fp8Gemm(nn.Module):
         if update:
             self._record(role, amax)
         return q, qt, s
+
+    def _delayed_traced(self, t: torch.Tensor, role: int, fmt: FloatFormat, transpose: bool, widened: bool,
+                        update: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Delayed scaling as tensor operations only, for a compiled graph (the eager path reads
+        ``initialized`` and ``history_pos`` back to the host, a graph break each): the first
+        call of a role (``initialized`` false) uses the current amax's scale, later ones the
+        stored scale; same results and state updates as the eager path."""
+        amax = all_reduce_amax(tensor_amax(t), self.group)
+        self._note_amax(amax, role)
+        init = self.initialized[role]
+        s_now, kept_now = next_scale(amax, self.scale[role], fmt.max, self.scaling.margin)
+        s = torch.where(init, self.scale[role], s_now)
+        q, qt, _ = self._cast(t, s, fmt, transpose, widened, need_amax=False)
+        if update:
+            with torch.no_grad():
+                self.kept_scale_events[role] += (kept_now & ~init).to(torch.int64)
+                self._record_traced(role, amax, fmt.max)
+                self.initialized[role] = True
+        return q, qt, s
+
+    @torch.no_grad()
+    def _record_traced(self, role: int, amax: torch.Tensor, fmt_max: float) -> None:
+        """:meth:`_record` with the ring-buffer position kept a tensor (the reference update of
+        :func:`lowprec.kernels.fp8_amax_scale.amax_scale_update`, traceable)."""
+        pos = self.history_pos[role]
+        hist = self.amax_history[role]
+        a = amax.float().reshape(())
+        finite = torch.isfinite(a)
+        recorded = torch.where(finite, a, torch.zeros_like(a))
+        onehot = torch.arange(hist.shape[0], device=hist.device) == pos
+        hist.copy_(torch.where(onehot, recorded, hist))
+        window = hist.amax() if self.scaling.amax_reduction == "max" else recorded
+        new = fmt_max / window.clamp_min(AMAX_FLOOR) * (2.0 ** -self.scaling.margin)
+        ok = finite & (window > 0) & torch.isfinite(new)
+        self.scale[role] = torch.where(ok, new, self.scale[role])
+        self.kept_scale_events[role] += (~ok).to(torch.int64)
+        self.history_pos[role] = (pos + 1) % hist.shape[0]
 
     @torch.no_grad()
     def _record(self, role: int, amax: torch.Tensor) -> None:

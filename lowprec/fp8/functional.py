@@ -12,6 +12,7 @@ then matmul. Both accumulate in float32.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 
@@ -40,8 +41,8 @@ def widen(q: torch.Tensor) -> torch.Tensor:
     bytes) is about 3x faster than torch's element-wise FP8 -> float32 conversion."""
     if q.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
         return q.float()
-    if q.device.type != "cpu":
-        return q.float()
+    if q.device.type != "cpu" or torch.compiler.is_compiling():
+        return q.float()  # inside a compiled graph the conversion fuses with its consumer
     key = (q.dtype, q.device)
     table = _WIDEN_TABLES.get(key)
     if table is None:
@@ -76,12 +77,55 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return "emulated"
 
 
+# -- 16-bit cast GEMMs (``CastGemm``: unit-fp16, the bf16 cast format) ---------------------------
+CAST_BACKENDS = ("auto", "native", "emulated")
+# A CUDA device multiplies fp16 on tensor cores from Volta (7.0) and bf16 from Ampere (8.0); below
+# that torch still runs the op, without the speed-up, so the emulation is kept there.
+NATIVE_16BIT_MIN_CAPABILITY = {torch.float16: (7, 0), torch.bfloat16: (8, 0)}
+_forced_cast_backend: list[str] = []
+
+
+def resolve_cast_backend(dtype: torch.dtype, device: torch.device) -> str:
+    """The one place that decides how a 16-bit cast GEMM runs on ``device``: ``"native"`` (the
+    three GEMMs on fp16/bf16 tensors; cuBLAS accumulates them in float32) on a CUDA device with
+    16-bit tensor cores for ``dtype``, ``"emulated"`` (operands rounded to ``dtype``, then a float32
+    GEMM, result rounded) everywhere else. Both round at the same points, so they agree to the
+    format's precision. :func:`force_cast_backend` overrides the choice (tests, benchmarks)."""
+    if _forced_cast_backend:
+        return _forced_cast_backend[-1]
+    cap = capability_of(device)
+    need = NATIVE_16BIT_MIN_CAPABILITY.get(dtype)
+    if cap is None or need is None or tuple(cap) < need:
+        return "emulated"
+    return "native"
+
+
+@contextlib.contextmanager
+def force_cast_backend(backend: str):
+    """Within the block, every 16-bit cast GEMM runs ``backend`` (``"native"``, ``"emulated"`` or
+    ``"auto"``: :func:`resolve_cast_backend`'s choice), whatever the device. ``"native"`` on a CPU
+    runs torch's own fp16/bf16 CPU matmul (correct, not fast): it is how the native path is tested
+    without a GPU."""
+    if backend not in CAST_BACKENDS:
+        raise ValueError(f"16-bit GEMM backend must be one of {', '.join(CAST_BACKENDS)}; got {backend!r}")
+    if backend == "auto":
+        yield
+        return
+    _forced_cast_backend.append(backend)
+    try:
+        yield
+    finally:
+        _forced_cast_backend.pop()
+
+
 def cast_widened(x: torch.Tensor, scale: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
     """``cast(x * scale)`` to the FP8 format ``fmt``, returned as float32 (exact): the operand
     of the emulated GEMM. Bit-identical to ``widen(cast_to_fp8(x, scale, fmt))`` (a NaN may come
     back with the other sign bit). On the CPU the multiply, clamp, rounding and widening run as one
     fused loop compiled by Inductor, once per format with dynamic sizes (about 4x faster than the
     eager passes on a 2048 x 688 operand); ``LOWPREC_COMPILE=0`` keeps it eager."""
+    if torch.compiler.is_compiling():  # already inside a graph: Inductor fuses the cast there
+        return cast_to_fp8(x, scale, fmt).float()
     if x.device.type != "cpu" or os.environ.get("LOWPREC_COMPILE", "1") == "0":
         return widen(cast_to_fp8(x, scale, fmt))
 
@@ -133,8 +177,10 @@ def fp8_mm(a: torch.Tensor, b: torch.Tensor, inv_sa: torch.Tensor, inv_sb: torch
     if inv_sa.numel() == 1 and inv_sb.numel() == 1:
         # Per-tensor scales factor out of the sum: one multiply on the output instead of two
         # passes over the operands (the same value up to float32 rounding); on the CPU the GEMM
-        # applies it itself (alpha), so the output is written once.
-        if a.device.type == "cpu":
+        # applies it itself (alpha), so the output is written once. The scales are tensors (data,
+        # not constants): inside a compiled graph the product stays a tensor, so reading it back
+        # to the host (a graph break per GEMM) is avoided and Inductor fuses the multiply.
+        if a.device.type == "cpu" and not torch.compiler.is_compiling():
             alpha = float(inv_sa * inv_sb)
             out = torch.addmm(_ZERO, widen(a), widen(b), beta=0.0, alpha=alpha)
             return out.to(out_dtype)

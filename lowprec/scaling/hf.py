@@ -56,7 +56,9 @@ def _sdpa_call(sdpa: nn.Module, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | 
                dropout_p: float) -> Tensor:
     if mask is not None and mask.dim() == 4 and mask.shape[-1] != k.shape[-2]:
         mask = mask[..., : k.shape[-2]]
-    is_causal = causal and mask is None and q.shape[-2] > 1
+    is_causal = False
+    if causal and mask is None and q.shape[-2] > 1:  # a branch, so a Python bool under dynamic shapes too
+        is_causal = True
     return sdpa(q, k, v, mask, is_causal, dropout_p)
 
 
