@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--center-lr", type=float, default=2.5e-4, help="middle of the 5-point grid (factor 2)")
+    p.add_argument("--max-points", type=int, default=9, help="grid points a sweep may extend to (default %(default)s)")
     p.add_argument("--seeds", default="0,1,2", help="seeds at each arm's best rate (the first runs the sweep)")
     p.add_argument("--only", help="comma-separated arms to run")
     args = p.parse_args(argv)
@@ -97,17 +98,26 @@ def main(argv: list[str] | None = None) -> int:
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, warmup_steps=10,
                       eval_every=args.steps, eval_batches=8)
     log = out_dir / "points.jsonl"
+    setup = {"pretrain_steps": args.pretrain_steps, "steps": args.steps, "batch_size": args.batch_size,
+             "seq_len": args.seq_len}
+    done = _points_done(log, setup)  # a rerun (e.g. with another --center-lr) reuses every point already run
 
     def on_point(arm: str, lr: float, seed: int, loss: float) -> None:
         print(f"  {arm:<28} lr {lr:.3g} seed {seed}: {loss:.4f}", flush=True)
-        with log.open("a") as f:
-            f.write(json.dumps({"arm": arm, "lr": lr, "seed": seed, "loss": loss}) + "\n")
+        if (arm, _key(lr), seed) not in done:
+            with log.open("a") as f:
+                f.write(json.dumps({"arm": arm, "lr": lr, "seed": seed, "loss": loss, **setup}) + "\n")
+
+    def run_point(arm: str, lr: float, seed: int) -> float:
+        cached = done.get((arm, _key(lr), seed))
+        return cached if cached is not None else fine_tune(ckpt, arm, lr, seed, cfg, corpus)
 
     arms = [a for a in ARMS if args.only is None or a in args.only.split(",")]
     results, t0 = {}, time.time()
     for arm in arms:
-        results[arm] = lr_sweep(arm, lambda lr, seed, arm=arm: fine_tune(ckpt, arm, lr, seed, cfg, corpus),
-                                log_grid(args.center_lr), seeds=seeds, on_point=on_point)
+        results[arm] = lr_sweep(arm, lambda lr, seed, arm=arm: run_point(arm, lr, seed),
+                                log_grid(args.center_lr), seeds=seeds, on_point=on_point,
+                                max_points=args.max_points)
     rows = [{"arm": a, "best lr": r.best_lr, "bracketed": r.bracketed, "mean": r.mean, "spread": r.spread,
              **{f"seed {s}": v for s, v in r.seed_losses.items()}} for a, r in results.items()]
     print(format_table(rows))
@@ -123,6 +133,23 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {write_json('finetune_keep', payload)}")
     _plot(results, RESULTS_DIR / "finetune_keep.png")
     return 0
+
+
+def _key(lr: float) -> str:
+    return f"{lr:.6g}"
+
+
+def _points_done(log: Path, setup: dict) -> dict[tuple[str, str, int], float]:
+    """(arm, lr, seed) -> loss of the points ``log`` holds for this setup (lines written before the
+    setup was recorded are the default setup's: 300 pretraining steps, 150 x 16 x 128)."""
+    default = {"pretrain_steps": 300, "steps": 150, "batch_size": 16, "seq_len": 128}
+    out: dict[tuple[str, str, int], float] = {}
+    if log.is_file():
+        for line in log.read_text().splitlines():
+            row = json.loads(line)
+            if all(row.get(k, default[k]) == v for k, v in setup.items()):
+                out[(row["arm"], _key(row["lr"]), row["seed"])] = row["loss"]
+    return out
 
 
 def _plot(results, path: Path) -> None:
