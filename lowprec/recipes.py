@@ -11,6 +11,7 @@ unit scaling first (:mod:`lowprec.scaling.convert`), then matmul casts / FP8
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
 import functools
@@ -641,18 +642,26 @@ def _previous_conversion(model: nn.Module, recipe: Recipe, plan: dict[str, int] 
                       f"(asked for {asked}): {_fresh_copy_advice()}")
 
 
+@contextlib.contextmanager
+def _all_or_nothing(model: nn.Module) -> Iterator[None]:
+    """Run a conversion step as a transaction: on any exception the module tree is restored
+    (:class:`_ModuleTreeSnapshot`) and the exception goes on."""
+    snapshot = _ModuleTreeSnapshot(model)
+    try:
+        yield
+    except BaseException:
+        snapshot.restore()
+        raise
+
+
 def _add_plan(model: nn.Module, recipe: Recipe, plan: dict[str, int], where: str, report: ConversionReport) -> None:
     """A QAT plan on a model already converted with ``recipe`` and no plan: the last step of the
     HAWQ flow (train, score, fine-tune the trained weights with the plan), all or nothing."""
     from lowprec.qat import apply_plan
 
     _check_plan_fits(model, plan, where)
-    snapshot = _ModuleTreeSnapshot(model)
-    try:
+    with _all_or_nothing(model):
         apply_plan(model, plan, recipe, report)
-    except BaseException:
-        snapshot.restore()
-        raise
     report.plan = plan
 
 
@@ -802,12 +811,8 @@ def convert(
         _check_plan_fits(model, plan_map, plan_where)
 
     rep = ConversionReport(recipe=recipe.name, plan=plan_map)
-    snapshot = _ModuleTreeSnapshot(model)
-    try:
+    with _all_or_nothing(model):
         _convert_steps(model, recipe, plan_map, rep)
-    except BaseException:
-        snapshot.restore()
-        raise
     model.lowprec_recipe = recipe  # read by lowprec.training (unit-scaled loss) and the CLI
     model.lowprec_report = rep
     if recipe.unit_scaling.enabled:  # HF's model(x, labels=y).loss gets the unit-scaled gradient too
