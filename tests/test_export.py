@@ -85,6 +85,17 @@ def _assert_plain(exported: nn.Module, original_cls: type) -> None:
     assert "forward" not in exported.__dict__  # no unit-scaled loss forward left
 
 
+def _export_matching(model: nn.Module, ids: torch.Tensor, ref: torch.Tensor, what: str) -> nn.Module:
+    """``export(model)``: a plain model of the original class whose logits on ``ids`` are ``ref``
+    to 1e-4 relative (the figure is printed for the note)."""
+    exported = export(model)
+    _assert_plain(exported, type(model))
+    err = _rel(_logits(exported, ids), ref)
+    print(f"{what}: export vs reference {err:.2g}")
+    assert err < 1e-4, f"{what}: export differs from the reference by {err:.2g} relative"
+    return exported
+
+
 @pytest.mark.parametrize("name", list(BUILDERS))
 def test_unit_export_computes_the_same_function(name):
     model = BUILDERS[name]().eval()
@@ -128,11 +139,8 @@ def test_unit_fp8_export_equals_the_model_with_its_casts_off(name):
     fp8 = _logits(model, ids)
     with _casts_off(model):
         ref = _logits(model, ids)
-    exported = export(model)
-    _assert_plain(exported, type(model))
+    exported = _export_matching(model, ids, ref, f"{name} unit-fp8 (casts off)")
     out = _logits(exported, ids)
-    print(f"{name} unit-fp8: export vs casts-off {_rel(out, ref):.2g}")
-    assert _rel(out, ref) < 1e-4
     fp8_distance = _rel(fp8, out)
     print(f"{name}: FP8 forward vs export: {fp8_distance:.3g} relative (max abs / max |logit|)")
     assert 0 < fp8_distance < 0.2  # FP8 rounding, not a different function
@@ -144,13 +152,9 @@ def test_qat_export_holds_the_quantized_weights(name):
     layer = {"llama": "model.layers.0.mlp.down_proj", "gpt2": "transformer.h.0.mlp.c_fc"}[name]
     _train(lowprec.convert(model, "unit", plan={layer: 4}))
     ids = _ids()
-    ref = _logits(model, ids)
-    exported = export(model)
-    _assert_plain(exported, type(model))
-    print(f"{name} QAT: export vs converted {_rel(_logits(exported, ids), ref):.2g}")
-    assert _rel(_logits(exported, ids), ref) < 1e-4
-    w = exported.get_submodule(layer).weight.detach()
-    rows = w  # QAT quantizes dim 0 of the stored weight (Conv1D stores (in, out)); folding scales it uniformly
+    exported = _export_matching(model, ids, _logits(model, ids), f"{name} QAT")
+    # QAT quantizes dim 0 of the stored weight (Conv1D stores (in, out)); folding scales it uniformly
+    rows = exported.get_submodule(layer).weight.detach()
     # INT4 per row: each row is a multiple of one step, at most 2 * 7 + 1 = 15 levels
     assert all(len(torch.unique(r)) <= 15 for r in rows)
     step = rows.abs().amax(dim=1, keepdim=True) / 7
@@ -168,11 +172,7 @@ def test_families_export(name):
     model = FAMILIES[name]().eval()
     _train(lowprec.convert(model, "unit"))
     ids = _ids()
-    ref = _logits(model, ids)
-    exported = export(model)
-    _assert_plain(exported, type(model))
-    print(f"{name} unit: export vs converted {_rel(_logits(exported, ids), ref):.2g}")
-    assert _rel(_logits(exported, ids), ref) < 1e-4
+    _export_matching(model, ids, _logits(model, ids), f"{name} unit")
 
 
 LOAD_SCRIPT = """
