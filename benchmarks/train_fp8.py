@@ -50,7 +50,7 @@ def fp8_counters(model: torch.nn.Module) -> dict[str, int]:
     """Sum of the FP8 GEMMs' event counters (non-finite operands, kept scales)."""
     out = {"nonfinite_inputs": 0, "kept_scale_events": 0}
     for m in model.modules():
-        if isinstance(m, lowprec.fp8.Fp8Gemm):
+        if isinstance(m, lowprec.matmul.Fp8Gemm):
             out["nonfinite_inputs"] += int(m.nonfinite_inputs.sum())
             out["kept_scale_events"] += int(m.kept_scale_events.sum())
     return out

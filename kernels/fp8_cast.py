@@ -64,7 +64,7 @@ def _validate(x: torch.Tensor, fmt: str | Format, scale, granularity: str) -> tu
     f = _fp8_format(fmt)
     if granularity not in ("tensor", "row"):
         raise ValueError(f"scaled_fp8_cast supports granularity 'tensor' or 'row'; got {granularity!r} "
-                         f"(block-wise FP8 scaling lives in lowprec.fp8)")
+                         f"(block-wise FP8 scaling lives in lowprec.matmul)")
     if granularity == "row" and x.dim() == 0:
         raise ValueError("scaled_fp8_cast: granularity 'row' needs a tensor with at least one dimension")
     s = None

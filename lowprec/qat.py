@@ -8,7 +8,7 @@ returns the weight rounded to symmetric per-output-channel INT-k, and the gradie
 straight through to the full-precision weight (the straight-through estimator, STE).
 
 Because it acts on the ``weight`` attribute and not on the module's forward, it composes with
-any linear-like layer that reads ``self.weight``: ``nn.Linear``, :class:`~lowprec.fp8.linear.LowPrecisionLinear`
+any linear-like layer that reads ``self.weight``: ``nn.Linear``, :class:`~lowprec.matmul.linear.LowPrecisionLinear`
 (whose GEMM backend then casts the already-rounded weight to FP8/BF16), unit-scaled linears and
 convolutions alike.
 

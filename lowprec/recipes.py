@@ -6,7 +6,7 @@ file in the repository's ``recipes/`` folder, installed as package data.
 
 ``convert(model, recipe)`` walks a model and swaps modules in place by rule:
 unit scaling first (:mod:`lowprec.scaling.convert`), then matmul casts / FP8
-(:mod:`lowprec.fp8.convert`), then a per-layer QAT plan (:mod:`lowprec.qat`).
+(:mod:`lowprec.matmul.convert`), then a per-layer QAT plan (:mod:`lowprec.qat`).
 """
 
 from __future__ import annotations
@@ -185,7 +185,7 @@ def field_rule(f: dataclasses.Field) -> Rule:
 # values overflow alpha**2 (a Python OverflowError above ~1e154) and much smaller ones all but
 # switch a residual branch off.
 UMUP_MULTIPLIER_RANGE = Range(2.0**-16, 2.0**16)
-# TransformerEngine's DelayedScaling default amax history is 1024 steps (lowprec.fp8.scaling);
+# TransformerEngine's DelayedScaling default amax history is 1024 steps (lowprec.matmul.scaling);
 # each FP8 layer keeps 3 float32 amaxes per step, so 64x that (768 KiB per layer) is the ceiling.
 MAX_HISTORY_LEN = 64 * 1024
 # scale = FP8_MAX / amax / 2**margin: beyond this margin the amax itself, scaled, falls below the
@@ -603,7 +603,7 @@ def _resolve_plan(plan: str | Path | Mapping[str, int] | None, recipe: Recipe) -
 
 # -- checks that run before the model is touched ----------------------------------------------
 
-_CONVERSION_PACKAGES = ("lowprec.scaling", "lowprec.fp8", "lowprec.qat")
+_CONVERSION_PACKAGES = ("lowprec.scaling", "lowprec.matmul", "lowprec.qat")
 
 
 def _recipe_where(recipe: Recipe) -> str:
@@ -688,7 +688,7 @@ def _example_name(model: nn.Module) -> str:
 
 def _check_keep_high_precision(model: nn.Module, recipe: Recipe) -> None:
     """Each ``cast.keep_high_precision`` entry is a module kind or a pattern matching a module."""
-    from lowprec.fp8.convert import keep_entries_problem
+    from lowprec.matmul.convert import keep_entries_problem
 
     problem = keep_entries_problem(model, recipe.cast.keep_high_precision)
     if problem is not None:
@@ -750,7 +750,7 @@ def _convert_steps(model: nn.Module, recipe: Recipe, plan: dict[str, int] | None
 
         unit_scale_model(model, recipe, rep, pending_init=pending_init)
     if recipe.cast.format != "none":
-        from lowprec.fp8.convert import apply_casts
+        from lowprec.matmul.convert import apply_casts
 
         apply_casts(model, recipe, rep)
     if plan is not None:

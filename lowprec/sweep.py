@@ -13,10 +13,12 @@ Same seed, batches and steps for every point: ``run(lr, seed)`` must be determin
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 MIN_POINTS = 5  # the fewest grid points a sweep may report
@@ -100,3 +102,84 @@ def lr_sweep(
         if on_point is not None:
             on_point(arm, best, seed, loss)
     return result
+
+
+class PointLog:
+    """The points a sweep has run, one JSON line each, so an interrupted or extended sweep (another
+    centre, more points, more seeds) reruns nothing: a point is ``(arm, lr, seed)`` under a
+    ``setup`` (steps, batch, model: whatever changes the loss), and only lines whose setup equals
+    this one are reused. Non-finite losses are stored as ``null`` and read back as inf."""
+
+    def __init__(self, path: str | Path, setup: Mapping[str, Any]) -> None:
+        self.path = Path(path)
+        self.setup = dict(setup)
+        self._done: dict[tuple[str, str, int], float] = {}
+        if self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                if not line.strip():
+                    continue
+                row = json.loads(line)
+                if all(row.get(k) == v for k, v in self.setup.items()):
+                    loss = row["loss"]
+                    self._done[(row["arm"], _lr_key(row["lr"]), int(row["seed"]))] = (
+                        math.inf if loss is None else float(loss))
+
+    def get(self, arm: str, lr: float, seed: int) -> float | None:
+        return self._done.get((arm, _lr_key(lr), seed))
+
+    def add(self, arm: str, lr: float, seed: int, loss: float, **extra: Any) -> None:
+        key = (arm, _lr_key(lr), seed)
+        if key in self._done:
+            return
+        self._done[key] = loss if math.isfinite(loss) else math.inf
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        row = {"arm": arm, "lr": lr, "seed": seed, "loss": loss if math.isfinite(loss) else None,
+               **self.setup, **extra}
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def cached(self, arm: str, run: Callable[[float, int], float]) -> Callable[[float, int], float]:
+        """``run`` for ``arm``, answered from the log when the point was run before, logged when not."""
+
+        def wrapped(lr: float, seed: int) -> float:
+            hit = self.get(arm, lr, seed)
+            if hit is not None:
+                return hit
+            loss = float(run(lr, seed))
+            self.add(arm, lr, seed, loss)
+            return loss
+
+        return wrapped
+
+
+def _lr_key(lr: float) -> str:
+    return f"{lr:.6g}"
+
+
+def plot_sweeps(results: Mapping[str, SweepResult], path: str | Path, title: str) -> Path | None:
+    """Final validation loss against learning rate, one curve per arm, the best point marked
+    (matplotlib, when installed)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for arm, r in results.items():
+        lrs = sorted(lr for lr in r.points if math.isfinite(r.points[lr]))
+        line, = ax.plot(lrs, [r.points[lr] for lr in lrs], marker="o", label=arm)
+        if math.isfinite(r.points.get(r.best_lr, math.inf)):
+            ax.plot([r.best_lr], [r.points[r.best_lr]], marker="*", markersize=14, color=line.get_color())
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("final validation loss (nats/byte)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

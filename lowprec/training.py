@@ -343,7 +343,7 @@ def nonfinite_grad_count(model: nn.Module) -> int:
 
 def fp8_nonfinite_inputs(model: nn.Module) -> int:
     """FP8 GEMM operands seen with NaN or Inf so far: every module's ``nonfinite_inputs`` buffer
-    (:class:`lowprec.fp8.fp8_gemm.Fp8Gemm`; per role) summed over the model. 0 without FP8."""
+    (:class:`lowprec.matmul.fp8_gemm.Fp8Gemm`; per role) summed over the model. 0 without FP8."""
     counts = [b.sum() for m in model.modules() if isinstance(b := m._buffers.get("nonfinite_inputs"), torch.Tensor)]
     return int(torch.stack([c.to(counts[0].device) for c in counts]).sum()) if counts else 0  # one host sync
 

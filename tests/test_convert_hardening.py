@@ -19,7 +19,7 @@ from torch import nn
 
 import lowprec
 from lowprec import cli
-from lowprec.fp8.fp8_gemm import Fp8Gemm
+from lowprec.matmul.fp8_gemm import Fp8Gemm
 from lowprec.models import demo_llama
 from lowprec.recipes import Recipe, RecipeError, load_plan
 from lowprec.training import lm_loss

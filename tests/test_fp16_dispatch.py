@@ -1,6 +1,6 @@
 """16-bit GEMMs (``CastGemm``: unit-fp16, the bf16 cast format): real fp16/bf16 GEMMs where the
 device has them, the emulation elsewhere, chosen in one place
-(:func:`lowprec.fp8.functional.resolve_cast_backend`).
+(:func:`lowprec.matmul.functional.resolve_cast_backend`).
 
 No GPU here: the native path is forced with :func:`force_cast_backend` and runs torch's CPU
 fp16/bf16 matmul, and a dispatch mode records the dtype of every GEMM torch runs.
@@ -13,9 +13,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lowprec
-from lowprec.fp8 import CastGemm
-from lowprec.fp8.functional import force_cast_backend, resolve_cast_backend
-from lowprec.fp8.linear import LowPrecisionLinear
+from lowprec.matmul import CastGemm
+from lowprec.matmul.functional import force_cast_backend, resolve_cast_backend
+from lowprec.matmul.linear import LowPrecisionLinear
 
 GEMMS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
 

@@ -14,9 +14,9 @@ from torch import nn
 
 import lowprec
 from lowprec.formats import E4M3, E5M2
-from lowprec.fp8 import Fp8Gemm, LowPrecisionLinear, ScalingConfig
-from lowprec.fp8.functional import forward_gemm, grad_input_gemm, grad_weight_gemm
-from lowprec.fp8.scaling import floor_pow2, next_scale
+from lowprec.matmul import Fp8Gemm, LowPrecisionLinear, ScalingConfig
+from lowprec.matmul.functional import forward_gemm, grad_input_gemm, grad_weight_gemm
+from lowprec.matmul.scaling import floor_pow2, next_scale
 from lowprec.recipes import Recipe
 
 
@@ -418,7 +418,7 @@ def test_tiny_llama_trains_under_fp8_like_fp32(corpus):
 def test_cast_widened_bit_exact(fmt, compiled, monkeypatch):
     """The emulated GEMM's operand equals the FP8 cast widened to float32, bit for bit: every
     FP8 value and every midpoint between neighbours (ties to even), saturation, zeros, NaN."""
-    from lowprec.fp8.functional import cast_widened, widen
+    from lowprec.matmul.functional import cast_widened, widen
 
     monkeypatch.setenv("LOWPREC_COMPILE", "1" if compiled else "0")
     codes = torch.arange(256, dtype=torch.uint8).view(fmt.dtype).float()
@@ -436,8 +436,8 @@ def test_cast_widened_bit_exact(fmt, compiled, monkeypatch):
 
 
 def test_auto_gemm_backend_resolves_by_device(monkeypatch):
-    import lowprec.fp8.functional as fn
-    from lowprec.fp8.functional import resolve_backend
+    import lowprec.matmul.functional as fn
+    from lowprec.matmul.functional import resolve_backend
 
     assert resolve_backend("auto", torch.device("cpu")) == "emulated"
     monkeypatch.setattr(fn, "capability_of", lambda device: (9, 0))  # a Hopper GPU (faked)

@@ -187,7 +187,7 @@ def test_bad_inputs_are_named():
 def _fake_capability(monkeypatch, cap):
     """Make every device look like a CUDA GPU of capability ``cap`` to the GEMM dispatch, and
     forget earlier warnings, so the decision and the warning can be checked on the CPU."""
-    import lowprec.fp8.functional as fn
+    import lowprec.matmul.functional as fn
 
     monkeypatch.setattr(fn, "capability_of", lambda device: cap)
     monkeypatch.setattr(fn, "_warned_no_fp8", set())
@@ -197,7 +197,7 @@ def _fake_capability(monkeypatch, cap):
 def test_auto_gemm_picks_scaled_mm_only_from_sm89(monkeypatch):
     import warnings
 
-    from lowprec.fp8.functional import Fp8EmulationWarning, resolve_backend
+    from lowprec.matmul.functional import Fp8EmulationWarning, resolve_backend
 
     for cap, want in (((8, 0), "emulated"), ((8, 6), "emulated"), ((8, 9), "scaled_mm"), ((9, 0), "scaled_mm"),
                       ((10, 0), "scaled_mm"), (None, "emulated")):
@@ -222,7 +222,7 @@ def test_faked_sm80_runs_fp8_recipes_forward_and_backward_emulated_with_one_warn
     from torch import nn
 
     import lowprec
-    from lowprec.fp8.functional import Fp8EmulationWarning
+    from lowprec.matmul.functional import Fp8EmulationWarning
 
     _fake_capability(monkeypatch, (8, 0))
 

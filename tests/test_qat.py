@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import lowprec
-from lowprec.fp8.gemm import CastGemm
-from lowprec.fp8.linear import LowPrecisionLinear
+from lowprec.matmul.gemm import CastGemm
+from lowprec.matmul.linear import LowPrecisionLinear
 from lowprec.qat import apply_plan, fake_quant_weight, planned_bits, remove_plan, scale_method
 from lowprec.recipes import CastConfig, ConversionReport, Recipe
 

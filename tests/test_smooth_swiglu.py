@@ -12,7 +12,7 @@ from torch import nn
 
 import lowprec
 from lowprec.formats import E4M3, E5M2
-from lowprec.fp8 import Fp8Gemm, ScalingConfig, smooth_swiglu, smoothing_scales, swiglu
+from lowprec.matmul import Fp8Gemm, ScalingConfig, smooth_swiglu, smoothing_scales, swiglu
 from lowprec.recipes import Recipe
 
 

@@ -1,19 +1,19 @@
-"""FP8 (and 16-bit cast) training: scaled casts, GEMM backends, the low-precision linear, Smooth-SwiGLU."""
+"""The old name of :mod:`lowprec.matmul`, kept so that existing imports keep working.
 
-from lowprec.fp8.fp8_gemm import Fp8Gemm, fp8_eligible, smoothing_scales
-from lowprec.fp8.gemm import CastGemm
-from lowprec.fp8.linear import LowPrecisionLinear
-from lowprec.fp8.scaling import ScalingConfig
-from lowprec.fp8.smooth_swiglu import enable_smooth_swiglu, smooth_swiglu, swiglu
+The folder held FP8 only; with MXFP8 and NVFP4 it holds every low-precision matmul, so it
+moved. ``import lowprec.fp8.scaling`` (or any other submodule) gives the same module object as
+``lowprec.matmul.scaling``: state, monkeypatches and ``isinstance`` checks are shared.
+"""
 
-__all__ = [
-    "CastGemm",
-    "Fp8Gemm",
-    "LowPrecisionLinear",
-    "ScalingConfig",
-    "enable_smooth_swiglu",
-    "fp8_eligible",
-    "smooth_swiglu",
-    "smoothing_scales",
-    "swiglu",
-]
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import sys
+
+import lowprec.matmul as _matmul
+from lowprec.matmul import *  # noqa: F401,F403
+from lowprec.matmul import __all__  # noqa: F401
+
+for _info in pkgutil.iter_modules(_matmul.__path__):
+    sys.modules[f"{__name__}.{_info.name}"] = importlib.import_module(f"lowprec.matmul.{_info.name}")

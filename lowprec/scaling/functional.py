@@ -129,7 +129,7 @@ def linear(
 ) -> Tensor:
     """``output_scale * (x @ weight.T + bias_mult * bias)`` with explicit gradient scales.
 
-    ``gemm`` is a GEMM backend (contract 1 in contracts.md, :mod:`lowprec.fp8.gemm`); ``None``
+    ``gemm`` is a GEMM backend (contract 1 in contracts.md, :mod:`lowprec.matmul.gemm`); ``None``
     means ``F.linear``. The scales are applied around the backend, so an FP8 or FP16 backend
     sees operands whose scale is set by the unit-scaling rule, not by the layer's init.
     """

@@ -38,7 +38,7 @@ class UnitLinear(UnitOp):
 
     ``y = s * (x @ W.T + bias_mult * b)`` with ``s = out_mult * fan_in**-0.5`` (hidden) or the
     readout rule. Holds ``gemm`` (contract 1): ``None`` runs ``F.linear``; a backend from
-    :mod:`lowprec.fp8` runs the matmul in FP16/FP8 between the unit scales.
+    :mod:`lowprec.matmul` runs the matmul in FP16/FP8 between the unit scales.
     ``transposed=True`` stores the weight as ``(in, out)``, Hugging Face ``Conv1D``'s layout.
     """
 

@@ -12,7 +12,7 @@ from torch import nn
 
 
 class LowPrecisionLinear(nn.Linear):
-    """``nn.Linear`` with ``gemm``: a backend from :mod:`lowprec.fp8.gemm` or :mod:`lowprec.fp8`."""
+    """``nn.Linear`` with ``gemm``: a backend from :mod:`lowprec.matmul.gemm` or :mod:`lowprec.matmul`."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, gemm: nn.Module | None = None,
                  device=None, dtype=None) -> None:

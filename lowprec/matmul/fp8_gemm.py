@@ -31,7 +31,9 @@ import torch
 from torch import nn
 
 from lowprec.formats import AMAX_FLOOR, FloatFormat
-from lowprec.fp8.functional import (
+from lowprec.kernels.fp8_amax_scale import amax_scale_update
+from lowprec.kernels.fp8_cast_transpose import cast_transpose
+from lowprec.matmul.functional import (
     GEMM_BACKENDS,
     cast_widened,
     forward_gemm,
@@ -40,7 +42,7 @@ from lowprec.fp8.functional import (
     grad_weight_gemm,
     resolve_backend,
 )
-from lowprec.fp8.scaling import (
+from lowprec.matmul.scaling import (
     ScalingConfig,
     all_reduce_amax,
     blockwise_fake_cast,
@@ -48,8 +50,6 @@ from lowprec.fp8.scaling import (
     next_scale,
     rowwise_fake_cast,
 )
-from lowprec.kernels.fp8_amax_scale import amax_scale_update
-from lowprec.kernels.fp8_cast_transpose import cast_transpose
 
 X, W, DY = 0, 1, 2
 ROLE_NAMES = ("input X", "weight W", "output gradient dY")

@@ -27,10 +27,10 @@ from fnmatch import fnmatchcase
 from torch import nn
 
 from lowprec.errors import RecipeError
-from lowprec.fp8.fp8_gemm import FP8_DIM_MULTIPLE, Fp8Gemm, fp8_eligible
-from lowprec.fp8.gemm import CastGemm
-from lowprec.fp8.linear import LowPrecisionLinear
-from lowprec.fp8.scaling import ScalingConfig
+from lowprec.matmul.fp8_gemm import FP8_DIM_MULTIPLE, Fp8Gemm, fp8_eligible
+from lowprec.matmul.gemm import CastGemm
+from lowprec.matmul.linear import LowPrecisionLinear
+from lowprec.matmul.scaling import ScalingConfig
 
 
 def make_gemm(recipe, module_name: str, module: nn.Module) -> nn.Module:
@@ -147,6 +147,6 @@ def apply_casts(model: nn.Module, recipe, report) -> None:
         raise RecipeError(f"recipe {recipe.name!r} casts matmuls to FP8, but {type(model).__name__} has no linear "
                          f"layer eligible for FP8 ({why})")
     if fp8 and recipe.cast.smooth_swiglu:
-        from lowprec.fp8.smooth_swiglu import enable_smooth_swiglu
+        from lowprec.matmul.smooth_swiglu import enable_smooth_swiglu
 
         enable_smooth_swiglu(model, report)

@@ -20,8 +20,8 @@ import torch
 
 from lowprec.compiled import run_compiled
 from lowprec.formats import FloatFormat
-from lowprec.fp8.scaling import cast_to_fp8
 from lowprec.kernels.dispatch import capability_of
+from lowprec.matmul.scaling import cast_to_fp8
 
 GEMM_BACKENDS = ("auto", "scaled_mm", "emulated")
 # torch._scaled_mm's CUDA kernels need FP8 tensor cores: Ada (8.9), Hopper (9.0) and later.

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowprec.fp8.fp8_gemm import Fp8Gemm, smoothing_scales
+from lowprec.matmul.fp8_gemm import Fp8Gemm, smoothing_scales
 
 SWIGLU_CHILDREN = ("gate_proj", "up_proj", "down_proj")  # contract 2
 

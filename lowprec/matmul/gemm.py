@@ -6,7 +6,7 @@ same thing as ``torch.nn.functional.linear(x, weight, bias)`` up to the format's
 with gradients for ``x``, ``weight`` and ``bias``. Weights, their gradients and the optimizer
 stay in the high-precision dtype; only the GEMM operands are cast.
 
-Unit-scaled linears (:mod:`lowprec.scaling`) and :class:`lowprec.fp8.linear.LowPrecisionLinear`
+Unit-scaled linears (:mod:`lowprec.scaling`) and :class:`lowprec.matmul.linear.LowPrecisionLinear`
 hold one of these as ``.gemm``; ``None`` means a plain high-precision ``F.linear``.
 """
 
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowprec.formats import FloatFormat, get_format
-from lowprec.fp8.functional import resolve_cast_backend
+from lowprec.matmul.functional import resolve_cast_backend
 
 
 def _round16(t: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
@@ -43,7 +43,7 @@ class _CastLinearFn(torch.autograd.Function):
     outgoing gradients are cast too (every matmul input and output in the format).
 
     The operands are saved for the backward in the 16-bit format (half the memory of float32).
-    ``backend`` (:func:`lowprec.fp8.functional.resolve_cast_backend`): ``"emulated"`` widens
+    ``backend`` (:func:`lowprec.matmul.functional.resolve_cast_backend`): ``"emulated"`` widens
     them and multiplies in the input's dtype (float32 accumulation), then rounds the result;
     ``"native"`` multiplies the 16-bit tensors themselves (on CUDA, fp16/bf16 GEMMs accumulating
     in float32, the result rounded to the format once) and saturates the result like the emulation.
@@ -84,7 +84,7 @@ class _CastLinearFn(torch.autograd.Function):
 class CastGemm(nn.Module):
     """16-bit GEMM: operands, result and gradients rounded to FP16 or BF16 (saturating),
     accumulation in fp32; real fp16/bf16 GEMMs on a GPU with 16-bit tensor cores, emulated
-    (rounded operands, float32 GEMM) elsewhere (:func:`lowprec.fp8.functional.resolve_cast_backend`). This is what ``unit-fp16`` runs: no loss scaling, so gradients that
+    (rounded operands, float32 GEMM) elsewhere (:func:`lowprec.matmul.functional.resolve_cast_backend`). This is what ``unit-fp16`` runs: no loss scaling, so gradients that
     are not unit-scaled underflow here and show it."""
 
     def __init__(self, fmt: str = "fp16") -> None:
@@ -103,6 +103,6 @@ class CastGemm(nn.Module):
 
 # The FP8 backend lives in its own module (scaling state, three GEMMs); re-exported here so every
 # GEMM backend can be imported from one place.
-from lowprec.fp8.fp8_gemm import Fp8Gemm  # noqa: E402
+from lowprec.matmul.fp8_gemm import Fp8Gemm  # noqa: E402
 
 __all__ = ["CastGemm", "Fp8Gemm"]
