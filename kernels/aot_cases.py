@@ -47,12 +47,17 @@ STREAMING: dict[str, tuple[tuple[str, ...], tuple[str, ...], Callable[[dict[str,
     "_codebook_quant_kernel": (("x_ptr",), ("codes_ptr",), lambda c: c["ROWS"] * c["BLOCK_SIZE"]),
     "_codebook_dequant_kernel": (("codes_ptr",), ("out_ptr",), lambda c: c["BLOCK"]),
     "_adamw_blocks_kernel": (("p_ptr", "g_ptr"), ("p_ptr",), lambda c: c["ROWS"] * c["BLOCK_SIZE"]),
+    # the block quantizers load x through mx_quantize.load_f32, whose pointer argument is ``ptrs``
+    "_mx_quantize_kernel": (("ptrs",), ("data_ptr",), lambda c: c["BLOCK_R"] * c["BLOCK_C"]),
+    "_nvfp4_amax_kernel": (("ptrs",), (), lambda c: c["BLOCK_R"] * c["BLOCK_C"]),
+    "_nvfp4_quantize_kernel": (("ptrs",), ("data_ptr",), lambda c: c["BLOCK_R"] * c["BLOCK_C"]),
 }
 
 # Packed 4-bit codes may move as one 32-bit word per thread (eight codes per instruction, fully
 # coalesced across the warp) instead of a .v2/.v4 vector: the tile holds too few code bytes per
 # thread for more. Narrower accesses still fail the check.
-WORD_OK = {("_codebook_quant_kernel", "codes_ptr"), ("_codebook_dequant_kernel", "codes_ptr")}
+WORD_OK = {("_codebook_quant_kernel", "codes_ptr"), ("_codebook_dequant_kernel", "codes_ptr"),
+           ("_mx_quantize_kernel", "data_ptr"), ("_nvfp4_quantize_kernel", "data_ptr")}
 
 
 def _x(shape: Sequence[int], dtype: torch.dtype, layout: str = "contiguous") -> torch.Tensor:
@@ -166,10 +171,51 @@ def optimizer_launches(format_pairs: Iterable[tuple[Any, Any]]) -> list[Launch]:
     return unique_launches(out)
 
 
+# MX / NVFP4 quantize: (rows, K) shapes: aligned (K a multiple of every block), ragged K, and
+# blocks along dim 0 of a 2-D tensor (a transposed read). The SR seed and the
+# RHT sign mask are runtime ints; the values used here are multiples of 16 (RHT seed 30 gives the
+# sign mask 2224) so the aligned launches count as aligned in the vectorisation check.
+# float16 loads compile like bfloat16's (a 2-byte vector load, widened in registers), so they are
+# left out to keep the compile test short.
+BLOCK_SHAPES = (("aligned", (64, 256), -1), ("ragged", (33, 70), -1), ("transposed", (256, 64), 0))
+BLOCK_INPUT_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def mx_launches() -> list[Launch]:
+    """``mx_quantize_triton`` over element formats x roundings x input dtypes x block sizes x shapes."""
+    from lowprec.kernels.mx_quantize import mx_quantize_triton
+
+    out: list[Launch] = []
+    for elem, rounding, dtype, bs, (tag, shape, dim) in itertools.product(
+            ("e4m3", "e5m2", "e2m1"), ("nearest", "stochastic"), BLOCK_INPUT_DTYPES, (32, 16),
+            BLOCK_SHAPES):
+        with capture_launches(f"{elem} {rounding} {str(dtype)[6:]} block={bs} {tag}") as got:
+            mx_quantize_triton(_x(shape, dtype), elem, dim=dim, block_size=bs, rounding=rounding, seed=16)
+        out += got
+    return unique_launches(out)
+
+
+def nvfp4_launches() -> list[Launch]:
+    """``nvfp4_quantize_triton`` over roundings x RHT x given/derived tensor amax x dtypes x shapes."""
+    from lowprec.kernels.nvfp4_quantize import nvfp4_quantize_triton
+
+    out: list[Launch] = []
+    for rounding, rht_seed, given, dtype, (tag, shape, dim) in itertools.product(
+            ("nearest", "stochastic"), (None, 30), (False, True), BLOCK_INPUT_DTYPES, BLOCK_SHAPES):
+        if rht_seed is not None and shape[dim] % 16:
+            continue
+        with capture_launches(f"{rounding} rht={rht_seed is not None} amax={'given' if given else 'kernel'} "
+                              f"{str(dtype)[6:]} {tag}") as got:
+            nvfp4_quantize_triton(_x(shape, dtype), dim=dim, tensor_amax=torch.ones(()) if given else None,
+                                  rounding=rounding, seed=16, rht_seed=rht_seed)
+        out += got
+    return unique_launches(out)
+
+
 def all_launches(optimizer_format_pairs: Iterable[tuple[Any, Any]] = ()) -> list[Launch]:
     """Every launch of every launcher in the package (see the module docstring)."""
     return (fp8_cast_launches() + cast_transpose_launches() + amax_scale_launches() + codebook_launches()
-            + optimizer_launches(optimizer_format_pairs))
+            + optimizer_launches(optimizer_format_pairs) + mx_launches() + nvfp4_launches())
 
 
 def covering_subset(launches: Sequence[Launch]) -> list[Launch]:
@@ -198,4 +244,5 @@ def launch_dtypes(launch: Launch) -> set[torch.dtype]:
 
 
 __all__ = ["INPUT_DTYPES", "STREAMING", "WORD_OK", "all_launches", "amax_scale_launches", "cast_transpose_launches",
-           "codebook_launches", "covering_subset", "fp8_cast_launches", "launch_dtypes", "optimizer_launches"]
+           "codebook_launches", "covering_subset", "fp8_cast_launches", "launch_dtypes", "mx_launches", "nvfp4_launches",
+           "optimizer_launches"]
