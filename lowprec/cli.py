@@ -484,6 +484,24 @@ def _parse_bits(text: str) -> tuple[int, ...]:
     return bits
 
 
+def _parse_training_format(text: str) -> str:
+    from lowprec.sensitivity.training_formats import BLOCK_FORMATS
+
+    if text not in BLOCK_FORMATS:
+        raise argparse.ArgumentTypeError(f"training format must be one of {', '.join(BLOCK_FORMATS)}; got {text!r}")
+    return text
+
+
+def _parse_fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a fraction of linear FLOPs in [0, 1], such as 0.1; got {text!r}")
+    return value
+
+
 def _load_weights(model, path: str | None) -> None:
     if path is not None:
         step = load_checkpoint(path, model)
@@ -517,9 +535,92 @@ def cmd_export(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     return 0
 
 
+def _check_sensitivity_args(args: argparse.Namespace) -> None:
+    """Resolve the defaults that depend on the mode (bit plan or training plan) and refuse options
+    that belong to the other mode."""
+    if args.for_training is None:
+        if args.high_precision_budget is not None:
+            raise CLIError("--high-precision-budget needs --for-training FORMAT (e.g. --for-training nvfp4)")
+        args.method = args.method or "pqi"
+        args.bits = args.bits or (2, 3, 4, 8)
+        if args.avg_bits is None and args.size_budget_bytes is None:
+            args.avg_bits = 4.0
+        return
+    from lowprec.sensitivity.training_formats import FORMAT_METHODS
+
+    given = [o for o, v in (("--bits", args.bits), ("--avg-bits", args.avg_bits),
+                            ("--size-budget-bytes", args.size_budget_bytes)) if v is not None]
+    if given:
+        raise CLIError(f"{', '.join(given)} choose bits per layer; with --for-training the budget is "
+                       f"--high-precision-budget (a fraction of linear FLOPs)")
+    args.method = args.method or "measured"
+    if args.method not in FORMAT_METHODS:
+        raise CLIError(f"--method {args.method} does not score training formats; use one of {', '.join(FORMAT_METHODS)}")
+    if args.high_precision_budget is None:
+        args.high_precision_budget = 0.1
+
+
+def _sensitivity_for_training(model, batches, args: argparse.Namespace, run_dir: Path) -> list[Path | None]:
+    """``lowprec sensitivity --for-training FMT``: score every linear layer (LM head aside) under FMT
+    and BF16, choose the layers kept in BF16 within the FLOP budget, and write
+    ``high_precision_plan.json``, ``training_sensitivity.json`` / ``.png`` and ``metrics.json``."""
+    from lowprec import runs
+    from lowprec.sensitivity import (
+        last_layers,
+        save_high_precision_plan,
+        score,
+        select_high_precision,
+    )
+
+    fmt, budget = args.for_training, args.high_precision_budget
+    t0 = time.perf_counter()
+    report = score(model, runs.lm_loss_fn, batches, method=args.method, formats=(fmt, "bf16"),
+                   progress=not args.no_progress)
+    seconds = time.perf_counter() - t0
+    print(report)
+    keep = select_high_precision(report, fmt, budget)
+    share = report.flops_fraction(keep)
+    files: list[Path | None] = [
+        save_high_precision_plan(run_dir / "high_precision_plan.json", keep, fmt=fmt, budget=budget,
+                                 method=args.method, flops=report.flops, scores=report.scores),
+    ]
+    report.to_json(run_dir / "training_sensitivity.json")
+    files.append(run_dir / "training_sensitivity.json")
+    if runs._pyplot() is not None:
+        files.append(report.plot(run_dir / "training_sensitivity.png", keep=keep))
+    removed = sum(report.gain(n, fmt) for n in keep)
+    total_gain = sum(max(report.gain(n, fmt), 0.0) for n in report.layers)
+    try:
+        position = last_layers(report.layers, budget, report.flops)
+        unit = "blocks"
+        if not position:  # one block is over the budget (a shallow model): the last linears instead
+            position, unit = last_layers(report.layers, budget, report.flops, whole_blocks=False), "linears"
+    except ValueError:  # no transformer blocks in the layer names: no positional baseline
+        position = None
+    print(f"high precision (bf16) under {fmt}, budget {budget:g} of linear FLOPs: {len(keep)} of "
+          f"{len(report.layers)} linear layers, {100 * share:.2f}% of linear FLOPs; scored with {args.method} "
+          f"in {seconds:.1f} s")
+    for n in keep:
+        print(f"  {n}  ({100 * report.flops_fraction([n]):.2f}% FLOPs, removes {report.gain(n, fmt):.4g})")
+    print(f"predicted loss increase removed: {removed:.4g} of {total_gain:.4g}"
+          + ("" if position is None else
+             f"; keeping the last {unit} instead (the positional rule) keeps {len(position)} layers and removes "
+             f"{sum(report.gain(n, fmt) for n in position):.4g}"))
+    files.append(runs.write_json(run_dir / "metrics.json", {
+        "command": "sensitivity", "for_training": fmt, "high_precision_budget": budget, "method": args.method,
+        "keep": keep, "flops_fraction": share, "predicted_removed": removed, "last_layers": position,
+        "seconds": seconds, "batches": args.batches, "batch_size": args.batch_size, "seq_len": args.seq_len,
+        "checkpoint": args.checkpoint,
+    }))
+    print(f"use the plan: lowprec train {fmt} --set cast.high_precision_plan="
+          f"{(run_dir / 'high_precision_plan.json').resolve()}")
+    return files
+
+
 def cmd_sensitivity(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     from lowprec import runs
 
+    _check_sensitivity_args(args)
     recipe = _recipe_from_args(args.recipe, args, args.checkpoint)
     corpus = load_corpus(args.data, args.seq_len)
     model = load_model(args.config or _recorded_model_config(args.checkpoint), seed=args.seed)
@@ -542,6 +643,9 @@ def cmd_sensitivity(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
                     progress=not args.no_progress, desc="pre-train")
         print(f"trained {args.train_steps} steps first: validation loss {res.final_val_loss:.4f}")
     batches = runs.sensitivity_batches(corpus, args.batches, args.batch_size, args.seq_len)
+    if args.for_training is not None:
+        _finish(run_dir, _sensitivity_for_training(model, batches, args, run_dir))
+        return 0
     out = runs.score_and_plan(model, batches, method=args.method, bits=args.bits, avg_bits=args.avg_bits,
                          size_budget_bytes=args.size_budget_bytes, run_dir=run_dir, progress=not args.no_progress)
     files = list(out["files"])
@@ -814,17 +918,28 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Score every linear layer of the model at each bit width (measured loss "
                                    "change, PQI path integral, or HAWQ-V2 Hessian trace), choose bits per layer "
                                    "under a budget with an integer program, and write the report, the plan "
-                                   "(plan.json: qualified module name -> bits) and their charts.")
+                                   "(plan.json: qualified module name -> bits) and their charts. With --for-training FORMAT it "
+                                   "instead scores each linear layer's weight and input in a block-scaled training "
+                                   "format (and bf16) and writes high_precision_plan.json: the layers that stay in "
+                                   "bf16 within --high-precision-budget of linear FLOPs.")
     _add_model_data(p, batch_size=8)
     p.add_argument("--recipe", help="convert the model with this recipe before scoring")
     p.add_argument("--checkpoint", metavar="PATH", help="weights to score: a run directory or checkpoint from lowprec train")
     p.add_argument("--train-steps", type=_non_negative, default=0, help="train this many fp32 AdamW steps before scoring")
-    p.add_argument("--method", default="pqi", choices=("pqi", "measured", "hawq"), help="scorer (default %(default)s)")
-    p.add_argument("--bits", type=_parse_bits, default=(2, 3, 4, 8), help="candidate bit widths (default 2,3,4,8)")
+    p.add_argument("--method", choices=("pqi", "measured", "hawq"),
+                   help="scorer (default pqi; measured with --for-training, where hawq is not available)")
+    p.add_argument("--bits", type=_parse_bits, help="candidate bit widths (default 2,3,4,8)")
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--avg-bits", type=float, default=4.0, help="average bits per weight (default %(default)s)")
+    budget.add_argument("--avg-bits", type=float, help="average bits per weight (default 4.0)")
     budget.add_argument("--size-budget-bytes", type=_positive, help="total weight bytes allowed instead of --avg-bits")
     p.add_argument("--batches", type=_positive, default=2, help="batches the scorer averages over (default %(default)s)")
+    training = p.add_argument_group("training precision (instead of bits per layer)")
+    training.add_argument("--for-training", type=_parse_training_format, metavar="FORMAT",
+                          help="score every linear layer's weight and input in FORMAT (nvfp4, mxfp8, mxfp8_e5m2, "
+                               "mxfp4) and in bf16, choose the layers that stay in bf16, and write "
+                               "high_precision_plan.json for a block-scaled recipe")
+    training.add_argument("--high-precision-budget", type=_parse_fraction, metavar="FRACTION",
+                          help="largest share of linear FLOPs kept in bf16, in [0, 1] (default 0.1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_recipe_options(p)
     _add_out(p, "sensitivity")

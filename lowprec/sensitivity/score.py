@@ -39,6 +39,10 @@ from lowprec.sensitivity.hessian import (
 from lowprec.sensitivity.measured import mean_loss, measured_change
 from lowprec.sensitivity.pqi import pqi
 from lowprec.sensitivity.report import METHODS, SensitivityReport
+from lowprec.sensitivity.training_formats import FORMAT_METHODS, TrainingSensitivityReport, score_formats
+
+#: Bit widths scored when neither ``bits`` nor ``formats`` is given.
+DEFAULT_BITS = (2, 3, 4, 8)
 
 
 def score(
@@ -46,8 +50,9 @@ def score(
     loss_fn: LossFn,
     batches: Iterable[Any],
     method: str = "pqi",
-    bits: Sequence[int] = (2, 3, 4, 8),
+    bits: Sequence[int] | None = None,
     *,
+    formats: Sequence[str] | None = None,
     layers: Sequence[str] | None = None,
     include_embeddings: bool = False,
     points: int = 2,
@@ -62,8 +67,18 @@ def score(
     backend: str = "autograd",
     seed: int = 0,
     progress: bool = True,
-) -> SensitivityReport:
-    """Score every quantizable layer (or ``layers``) of ``model`` at each bit width.
+) -> SensitivityReport | TrainingSensitivityReport:
+    """Score every quantizable layer (or ``layers``) of ``model`` at each bit width (default
+    ``bits=(2, 3, 4, 8)``), or, with ``formats=`` instead of ``bits``, each linear layer under each
+    training format.
+
+    ``formats`` (e.g. ``("nvfp4", "mxfp8", "bf16")``): the loss change when one linear layer's forward
+    GEMM takes its weight and its input activation in that format (NVFP4: 16x16 weight blocks, 1x16
+    activation blocks; MX: 1x32 along the reduction dimension; bf16: a cast), every other layer
+    exact; ``method`` is ``"measured"`` or ``"pqi"`` (both perturb weight and activation), and the
+    result is a :class:`~lowprec.sensitivity.training_formats.TrainingSensitivityReport` with each
+    layer's FLOPs per token, what :func:`~lowprec.sensitivity.select_high_precision` reads.
+    The LM head is left out unless named in ``layers`` (recipes keep it in high precision).
 
     ``loss_fn(model, batch)`` returns a scalar tensor; ``batches`` is a non-empty iterable (read
     several times, so it is materialised). PQI: ``points`` quadrature nodes of ``rule``.
@@ -73,6 +88,16 @@ def score(
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+    if formats is not None:
+        if bits is not None:
+            raise ValueError("give bits=... (integer bit widths) or formats=... (training formats), not both")
+        if method not in FORMAT_METHODS:
+            raise ValueError(f"method {method!r} does not score training formats (HAWQ's trace x ||dW||^2 has no "
+                             f"activation term); use one of {', '.join(FORMAT_METHODS)}")
+        return score_formats(model, loss_fn, batches, method, formats, layers=layers, points=points, rule=rule,
+                             progress=progress)
+    if bits is None:
+        bits = DEFAULT_BITS
     if trace not in ("hutchinson", "hutch++"):
         raise ValueError(f"trace must be 'hutchinson' or 'hutch++'; got {trace!r}")
     bit_list = check_bit_list(bits)

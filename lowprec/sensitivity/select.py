@@ -184,3 +184,251 @@ def save_plan(plan: Mapping[str, int], path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({k: int(v) for k, v in plan.items()}, indent=2))
     return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Training precision: which linear layers stay in high precision under a FLOP budget (issue 15)
+# ----------------------------------------------------------------------------------------------
+
+#: The plan file's format marker and version (read by the training layer's ``high_precision_plan``).
+HIGH_PRECISION_PLAN_KEY = "lowprec_high_precision_plan"
+HIGH_PRECISION_PLAN_VERSION = 1
+
+
+def _check_budget(budget: Any) -> float:
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not (0.0 <= float(budget) <= 1.0):
+        raise ValueError(f"budget must be a fraction of linear FLOPs in [0, 1]; got {budget!r}")
+    return float(budget)
+
+
+def _check_flops(flops: Mapping[str, int], names: Sequence[str] | None = None) -> dict[str, int]:
+    if not isinstance(flops, Mapping) or not flops:
+        raise ValueError("flops must be a non-empty mapping of layer name -> FLOPs per token")
+    bad = [n for n, f in flops.items() if isinstance(f, bool) or not isinstance(f, (int, np.integer)) or f <= 0]
+    if bad:
+        raise ValueError(f"flops must be positive integers (FLOPs per token); not for layers {bad}")
+    if names is not None:
+        missing = [n for n in names if n not in flops]
+        if missing:
+            raise ValueError(f"flops has no entry for layers {missing}")
+    return {str(n): int(f) for n, f in flops.items()}
+
+
+def _within(used: int, budget: float, total: int) -> bool:
+    """``used / total <= budget``, exactly for a budget given as a decimal (1e-12 relative slack
+    absorbs the float product only)."""
+    return used <= budget * total * (1 + 1e-12)
+
+
+def select_high_precision(report, fmt: str = "nvfp4", budget: float = 0.1, *, high: str = "bf16") -> list[str]:
+    """The linear layers to keep in ``high`` precision while the rest train in ``fmt``.
+
+    ``report`` is a :class:`~lowprec.sensitivity.training_formats.TrainingSensitivityReport` that
+    scored both ``fmt`` and ``high``. Each layer's gain is ``score[fmt] - score[high]``: the loss
+    increase that keeping it in ``high`` removes. The 0/1 integer program (``scipy.optimize.milp``,
+    solved exactly, as :func:`select_bits`) maximises the total gain of the kept layers subject to
+    ``sum(flops of kept) <= budget * sum(flops of all scored layers)``. A layer whose gain is not
+    positive is never kept (it would spend budget for nothing). Returns the kept names in the
+    report's (model) order; ``budget=0`` keeps nothing, ``budget=1`` every layer with a positive gain.
+    """
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    from lowprec.sensitivity.training_formats import check_format
+
+    budget = _check_budget(budget)
+    check_format(fmt, "fmt")
+    check_format(high, "high")
+    if fmt == high:
+        raise ValueError(f"fmt and high are both {fmt!r}: keeping a layer in high precision would change nothing")
+    formats = tuple(getattr(report, "formats", ()))
+    for f, what in ((fmt, "fmt"), (high, "high")):
+        if f not in formats:
+            raise ValueError(f"{what}={f!r} was not scored in this report (it has {formats or 'no formats'}); "
+                             f"score with formats=({fmt!r}, {high!r})")
+    layers = list(report.layers)
+    if not layers:
+        raise ValueError("the report has no layers")
+    flops = _check_flops(report.flops, layers)
+    gain = np.array([report.scores[n][fmt] - report.scores[n][high] for n in layers], dtype=np.float64)
+    if not np.isfinite(gain).all():
+        raise ValueError(f"non-finite scores for layers {[layers[i] for i in np.where(~np.isfinite(gain))[0]]}")
+    f = np.array([flops[n] for n in layers], dtype=np.float64)
+    total = int(sum(flops[n] for n in layers))
+    useful = gain > 0
+    if not useful.any() or budget == 0.0:
+        return []
+    span = float(gain[useful].max())
+    res = milp(
+        -gain / span,
+        constraints=[LinearConstraint(f.reshape(1, -1), -np.inf, budget * total * (1 + 1e-12))],
+        integrality=np.ones(len(layers)),
+        bounds=Bounds(np.zeros(len(layers)), useful.astype(np.float64)),
+        options={"mip_rel_gap": 0.0, "presolve": False},
+    )
+    if not res.success or res.x is None:
+        raise RuntimeError(f"the high-precision selection integer program failed: {res.message}")
+    keep = [n for n, x in zip(layers, np.round(res.x)) if x > 0.5]
+    assert _within(sum(flops[n] for n in keep), budget, total), "milp exceeded the FLOP budget"
+    return keep
+
+
+def _block_key(name: str) -> str | None:
+    """The transformer block a linear layer belongs to: its name up to the first all-digit
+    component (``model.layers.3.mlp.up_proj`` -> ``model.layers.3``), None outside any block."""
+    parts = name.split(".")
+    for i, p in enumerate(parts):
+        if p.isdigit():
+            return ".".join(parts[: i + 1])
+    return None
+
+
+def _blocks(model_layers: Sequence[str] | Sequence[Sequence[str]]) -> list[list[str]]:
+    if isinstance(model_layers, str) or not isinstance(model_layers, Sequence) or not model_layers:
+        raise ValueError("model_layers must be a non-empty sequence of linear layer names in model order, or of "
+                         "blocks (each a sequence of names)")
+    if all(isinstance(x, str) for x in model_layers):
+        groups: dict[str, list[str]] = {}
+        for n in model_layers:
+            key = _block_key(n)
+            if key is not None:
+                groups.setdefault(key, []).append(n)
+        if not groups:
+            raise ValueError(f"no layer name in model_layers has a block index (such as model.layers.3.*): "
+                             f"{list(model_layers)[:4]}")
+        return list(groups.values())
+    if any(isinstance(b, str) or not isinstance(b, Sequence) for b in model_layers):
+        raise ValueError("model_layers mixes names and blocks; give one or the other")
+    return [list(b) for b in model_layers]
+
+
+def last_layers(model_layers: Sequence[str] | Sequence[Sequence[str]], budget: float,
+                flops: Mapping[str, int], *, whole_blocks: bool = True) -> list[str]:
+    """NVIDIA's rule (NVFP4 pretraining, arXiv 2509.25149: the last blocks stay in BF16), at a FLOP budget.
+
+    ``model_layers`` is the list of linear names in model order (grouped into transformer blocks by
+    the first all-digit component of the name, ``model.layers.<i>``; names outside every block,
+    such as an LM head, are never kept) or an explicit list of blocks. Whole blocks are kept from
+    the last one backwards while the kept linears' FLOPs stay within ``budget * sum(flops.values())``;
+    the walk stops at the first block that does not fit (no block further up is taken instead).
+
+    ``whole_blocks=False`` walks single linears instead (from the last block's last linear
+    backwards, same stopping rule): the positional rule for a model so shallow that one block
+    exceeds the budget (a 4-block model's block is 25% of its linear FLOPs).
+    """
+    budget = _check_budget(budget)
+    blocks = _blocks(model_layers)
+    if not whole_blocks:
+        blocks = [[n] for b in blocks for n in b]
+    flops = _check_flops(flops, [n for b in blocks for n in b])
+    total = sum(flops.values())
+    keep: list[str] = []
+    used = 0
+    for block in reversed(blocks):
+        cost = sum(flops[n] for n in block)
+        if not _within(used + cost, budget, total):
+            break
+        keep = list(block) + keep
+        used += cost
+    return keep
+
+
+def random_layers(names: Sequence[str], budget: float, flops: Mapping[str, int], *, seed: int = 0) -> list[str]:
+    """A random set of linear layers within the FLOP budget (the control for the other two rules).
+
+    The layers of ``names`` are visited in a random order (``numpy.random.default_rng(seed)``
+    permutation: the same seed, the same set) and each is kept when it still fits within
+    ``budget * sum(flops.values())``; so the set is random but fills the budget about as well as
+    the others do. Returned in the order of ``names``.
+    """
+    budget = _check_budget(budget)
+    if isinstance(names, str) or not isinstance(names, Sequence) or not names:
+        raise ValueError("names must be a non-empty sequence of linear layer names")
+    flops = _check_flops(flops, names)
+    total = sum(flops.values())
+    chosen: set[str] = set()
+    used = 0
+    for i in np.random.default_rng(seed).permutation(len(names)):
+        n = names[int(i)]
+        if n not in chosen and _within(used + flops[n], budget, total):
+            chosen.add(n)
+            used += flops[n]
+    return [n for n in dict.fromkeys(names) if n in chosen]
+
+
+def save_high_precision_plan(
+    path: str | Path,
+    keep: Sequence[str],
+    *,
+    fmt: str,
+    budget: float,
+    method: str,
+    flops: Mapping[str, int],
+    scores: Mapping[str, Mapping[str, float]] | None = None,
+    high: str = "bf16",
+) -> Path:
+    """Write the high-precision plan, the contract with the training layer (recipe key
+    ``high_precision_plan``), as JSON::
+
+        {"lowprec_high_precision_plan": 1, "format": "nvfp4", "budget": 0.1, "high": "bf16",
+         "keep": [qualified linear names], "method": "measured", "flops_fraction": 0.094,
+         "flops": {name: FLOPs per token}, "scores": {name: {format: loss increase}}}
+
+    ``flops`` covers every layer the budget is shared by (so ``flops_fraction``, the kept share, is
+    recomputable); ``method`` says how ``keep`` was chosen (a scorer, ``"last_layers"``,
+    ``"random"``, ...). A plan over its budget, or naming a layer without FLOPs, is refused.
+    """
+    from lowprec.sensitivity.training_formats import check_format
+
+    budget = _check_budget(budget)
+    check_format(fmt, "fmt")
+    check_format(high, "high")
+    if isinstance(keep, str) or not all(isinstance(n, str) for n in keep):
+        raise ValueError(f"keep must be a list of qualified linear layer names; got {keep!r}")
+    if len(set(keep)) != len(keep):
+        raise ValueError(f"keep names a layer twice: {keep}")
+    flops = _check_flops(flops, keep)
+    total = sum(flops.values())
+    used = sum(flops[n] for n in keep)
+    if not _within(used, budget, total):
+        raise ValueError(f"keep holds {used / total:.6g} of linear FLOPs, over the budget {budget}")
+    payload = {
+        HIGH_PRECISION_PLAN_KEY: HIGH_PRECISION_PLAN_VERSION,
+        "format": fmt,
+        "budget": budget,
+        "high": high,
+        "keep": list(keep),
+        "method": str(method),
+        "flops_fraction": used / total,
+        "flops": flops,
+        "scores": {str(n): {str(f): float(v) for f, v in s.items()} for n, s in (scores or {}).items()},
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path
+
+
+def load_high_precision_plan(path: str | Path) -> dict[str, Any]:
+    """Read and check a plan written by :func:`save_high_precision_plan`: the marker and version,
+    ``format``, ``budget`` and ``keep`` (a list of names); errors name the file and the field."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"high-precision plan {str(path)!r} does not exist")
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"high-precision plan {str(path)!r} is not valid JSON: {e}") from None
+    if not isinstance(d, dict) or d.get(HIGH_PRECISION_PLAN_KEY) != HIGH_PRECISION_PLAN_VERSION:
+        raise ValueError(f"{str(path)!r} is not a high-precision plan (expected key {HIGH_PRECISION_PLAN_KEY!r} = "
+                         f"{HIGH_PRECISION_PLAN_VERSION}; a bit plan from lowprec sensitivity is plan.json)")
+    keep = d.get("keep")
+    if not isinstance(keep, list) or not all(isinstance(n, str) for n in keep):
+        raise ValueError(f"high-precision plan {str(path)!r}: field 'keep' must be a list of layer names")
+    from lowprec.sensitivity.training_formats import check_format
+
+    check_format(d.get("format"), f"high-precision plan {str(path)!r}: field 'format'")
+    try:
+        _check_budget(d.get("budget"))
+    except ValueError as e:
+        raise ValueError(f"high-precision plan {str(path)!r}: field 'budget': {e}") from None
+    return d
