@@ -262,10 +262,13 @@ class UnitScalingConfig(_Schema, key="unit_scaling"):
 class CastConfig(_Schema, key="cast"):
     """What precision the matmuls run in. ``format = "none"`` leaves them in the model's dtype."""
 
-    format: str = _field("none", choices=("none", "fp16", "bf16", "fp8"))
+    # mxfp8: OCP MX 1x32 blocks, E8M0 scales (TransformerEngine MXFP8BlockScaling); nvfp4: E2M1 in 1x16
+    # blocks with E4M3 scales and a float32 tensor scale (NVIDIA's NVFP4 pretraining recipe).
+    format: str = _field("none", choices=("none", "fp16", "bf16", "fp8", "mxfp8", "nvfp4"))
     # FP8 only (TransformerEngine/torchao constants, see design.md):
     # current | delayed | rowwise | blockwise | none (naive cast, scale 1)
     scaling: str = _field("current", choices=("current", "delayed", "rowwise", "blockwise", "none"))
+    # fp8: the format; mxfp8: the element format (TransformerEngine's MXFP8 recipe: e4m3 for both); nvfp4: unused (E2M1)
     forward: str = _field("e4m3", choices=("e4m3", "e5m2"))  # format of X and W in the forward GEMM
     backward: str = _field("e5m2", choices=("e4m3", "e5m2"))  # format of dY in the two backward GEMMs
     history_len: int = _field(1024, range=Range(1, MAX_HISTORY_LEN))  # delayed scaling amax window
@@ -276,7 +279,23 @@ class CastConfig(_Schema, key="cast"):
     smooth_swiglu: bool = _field(False)  # Fishman et al. 2025: per-channel scale before the down projection
     # Module kinds kept in high precision (design.md: embedding, LM head and norms by default).
     keep_high_precision: tuple[str, ...] = _field(("embedding", "lm_head", "norm"))
-    debug: bool = _field(False)  # raise on NaN/Inf in FP8 inputs instead of counting them
+    debug: bool = _field(False)  # raise on NaN/Inf in FP8 / MXFP8 / NVFP4 GEMM inputs instead of counting them
+    # NVFP4 only (arXiv 2509.25149; each a switch so its effect can be ablated; MXFP8 uses none):
+    rht: bool = _field(True)  # 16x16 random Hadamard transform on both weight-gradient GEMM inputs
+    stochastic_rounding: bool = _field(True)  # dY rounded stochastically in both backward GEMMs
+    weight_blocks_2d: bool = _field(True)  # 16x16 weight blocks: forward and backward share one quantized W
+    # The GEMM of the linears kept in high precision (keep_high_precision, high_precision_plan, or
+    # dimensions the narrow GEMMs cannot take): "none" = the model's dtype, "bf16" = a BF16 GEMM (NVIDIA's choice).
+    high_precision_format: str = _field("none", choices=("none", "bf16"))
+    # A plan file from `lowprec sensitivity --for-training FORMAT --high-precision-budget F` (relative
+    # to this file): the linears sensitivity chose to keep in high precision.
+    high_precision_plan: str = _field("")
+
+    def _relations(self) -> Iterator[tuple[str, str]]:
+        # Without a cast format nothing is cast, so a plan saying what to keep would silently do nothing.
+        if self.high_precision_plan and self.format == "none":
+            yield "high_precision_plan", (f"must be empty when cast.format is none (nothing is cast, so nothing is "
+                                          f"kept in high precision); got {self.high_precision_plan!r}")
 
 
 @dataclass(frozen=True)
@@ -697,6 +716,15 @@ def _check_keep_high_precision(model: nn.Module, recipe: Recipe) -> None:
                           f"qualified module names" + (f" such as {example!r}" if example else ""))
 
 
+def _check_high_precision_plan(model: nn.Module, recipe: Recipe) -> None:
+    """``cast.high_precision_plan`` is a readable plan file whose names are linear layers of ``model``."""
+    if recipe.cast.format == "none" or not recipe.cast.high_precision_plan:
+        return
+    from lowprec.matmul.convert import resolve_high_precision_plan
+
+    resolve_high_precision_plan(model, recipe)
+
+
 def _check_plan_fits(model: nn.Module, plan: dict[str, int], where: str) -> None:
     """Every planned name is a module of ``model`` with a weight of 2 or more dims."""
     from lowprec.qat import plan_problems, unknown_plan_names
@@ -788,7 +816,8 @@ def convert(
     Conversion is all or nothing. First everything that can be checked is, before the model is
     touched: the recipe, the plan (its JSON, bit widths, and that each name is a module of the
     model with a weight of 2+ dims), ``cast.keep_high_precision`` (each entry a module kind or a
-    pattern matching a module), and the model itself. Then the steps run as a transaction: a
+    pattern matching a module), ``cast.high_precision_plan`` (a readable plan file whose names are
+    linear layers of the model), and the model itself. Then the steps run as a transaction: a
     snapshot of the module tree (:class:`_ModuleTreeSnapshot`) is restored if any step raises,
     leaving the model bit-identical: the same object, modules, classes, attributes and Parameter
     objects, with their values. Values need no copy because no step writes one before the last:
@@ -807,6 +836,7 @@ def convert(
         return (model, previous) if report else model
     _check_no_lowprec_modules(model)
     _check_keep_high_precision(model, recipe)
+    _check_high_precision_plan(model, recipe)
     if plan_map is not None:
         _check_plan_fits(model, plan_map, plan_where)
 

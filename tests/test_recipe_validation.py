@@ -109,7 +109,7 @@ def test_every_numeric_and_pattern_field_has_a_rule():
     every string either choices or is free text by design."""
     from lowprec.recipes import field_rule
 
-    free_text = {"name", "description", "source", "plan"}
+    free_text = {"name", "description", "source", "plan", "high_precision_plan"}
     plain_lists = {"keep_high_precision"}  # its meaning is checked by convert (module kinds)
     sections = [tp for tp in typing.get_type_hints(Recipe).values() if dataclasses.is_dataclass(tp)]
     for cls in (Recipe, *sections):
@@ -360,7 +360,7 @@ def _value_strategy(tp, rule, name):
     if tp is str:
         if rule.choices:
             return st.sampled_from(rule.choices), st.sampled_from([c.upper() for c in rule.choices] + [""]) | ODD_TEXT | WRONG_TYPES
-        if name == "plan":  # a plan file that is not there must be a RecipeError at convert
+        if name in ("plan", "high_precision_plan"):  # a plan file that is not there must be a RecipeError at convert
             return st.sampled_from(["", "no-such-plan.json"]), WRONG_TYPES
         return ODD_TEXT, WRONG_TYPES
     if tp == tuple[float, ...]:

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from lowprec.matmul.convert import HIGH_PRECISION_PLAN_KEY, HIGH_PRECISION_PLAN_VERSION
 from lowprec.sensitivity.report import SensitivityReport
 
 
@@ -190,9 +191,6 @@ def save_plan(plan: Mapping[str, int], path: str | Path) -> Path:
 # Training precision: which linear layers stay in high precision under a FLOP budget (issue 15)
 # ----------------------------------------------------------------------------------------------
 
-#: The plan file's format marker and version (read by the training layer's ``high_precision_plan``).
-HIGH_PRECISION_PLAN_KEY = "lowprec_high_precision_plan"
-HIGH_PRECISION_PLAN_VERSION = 1
 
 
 def _check_budget(budget: Any) -> float:
@@ -409,23 +407,13 @@ def save_high_precision_plan(
 
 
 def load_high_precision_plan(path: str | Path) -> dict[str, Any]:
-    """Read and check a plan written by :func:`save_high_precision_plan`: the marker and version,
-    ``format``, ``budget`` and ``keep`` (a list of names); errors name the file and the field."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"high-precision plan {str(path)!r} does not exist")
-    try:
-        d = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"high-precision plan {str(path)!r} is not valid JSON: {e}") from None
-    if not isinstance(d, dict) or d.get(HIGH_PRECISION_PLAN_KEY) != HIGH_PRECISION_PLAN_VERSION:
-        raise ValueError(f"{str(path)!r} is not a high-precision plan (expected key {HIGH_PRECISION_PLAN_KEY!r} = "
-                         f"{HIGH_PRECISION_PLAN_VERSION}; a bit plan from lowprec sensitivity is plan.json)")
-    keep = d.get("keep")
-    if not isinstance(keep, list) or not all(isinstance(n, str) for n in keep):
-        raise ValueError(f"high-precision plan {str(path)!r}: field 'keep' must be a list of layer names")
+    """Read and check a plan written by :func:`save_high_precision_plan` (the training layer's reader,
+    :func:`lowprec.matmul.convert.read_high_precision_plan`, plus ``format`` and ``budget``); errors
+    name the file and the field."""
+    from lowprec.matmul.convert import read_high_precision_plan
     from lowprec.sensitivity.training_formats import check_format
 
+    d = read_high_precision_plan(path)
     check_format(d.get("format"), f"high-precision plan {str(path)!r}: field 'format'")
     try:
         _check_budget(d.get("budget"))
