@@ -47,6 +47,7 @@ AMAX_FLOOR = 1e-12  # TransformerEngine / torchao: amax clamped below before com
 E8M0_BIAS = 127  # OCP MX spec: an E8M0 byte e encodes the power of two 2**(e - 127)
 E8M0_NAN = 255  # OCP MX spec: the E8M0 byte 0xFF is NaN
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+FLOAT32_MIN_NORMAL = 2.0**-126  # IEEE 754 binary32's smallest normal value
 
 
 def _floor_pow2(x: torch.Tensor) -> torch.Tensor:
@@ -598,13 +599,25 @@ def philox_randint(seed: int, offsets: torch.Tensor) -> torch.Tensor:
     if not isinstance(offsets, torch.Tensor) or offsets.is_floating_point() or offsets.is_complex():
         raise TypeError("philox_randint: offsets must be an integer tensor")
     off = offsets.to(torch.int64)
+    k0, k1 = philox_key(seed)
+    mul32 = _mul32_wrap if _wrap_ok(off.device) else _mul32_split
+    return _philox(off, k0, k1, mul32)
+
+
+def philox_key(seed: int) -> tuple[int, int]:
+    """Philox's key: the (low, high) 32-bit words of ``seed`` as a uint64 (two's complement)."""
     seed64 = seed & 0xFFFFFFFFFFFFFFFF
-    k0, k1 = seed64 & _U32, seed64 >> 32
+    return seed64 & _U32, seed64 >> 32
+
+
+def _philox(off: torch.Tensor, k0, k1, mul32) -> torch.Tensor:
+    """The Philox rounds of :func:`philox_randint` on int64 ``off``; the key words ``k0``, ``k1`` are
+    ints or int64 tensors (a compiled caller passes tensors, so a new seed is data, not a new graph),
+    ``mul32`` is :func:`_mul32_wrap` or :func:`_mul32_split` (the same words)."""
     c0 = off & _U32
     c1 = (off >> 32) & _U32
     c2 = torch.zeros_like(off)
     c3 = torch.zeros_like(off)
-    mul32 = _mul32_wrap if _wrap_ok(off.device) else _mul32_split
     for _ in range(PHILOX_ROUNDS):
         hi_b, lo_b = mul32(PHILOX_ROUND_B, c2)
         hi_a, lo_a = mul32(PHILOX_ROUND_A, c0)
@@ -623,26 +636,50 @@ def _pow2(k: torch.Tensor) -> torch.Tensor:
 
 
 def _floor_log2(a: torch.Tensor) -> torch.Tensor:
-    """floor(log2(a)) for positive finite float32 a (subnormals included), int32, from frexp."""
-    return torch.frexp(a)[1] - 1
+    """floor(log2(a)) for positive finite float32 a (subnormals included), int32, from frexp.
+
+    Inside a graph being compiled it is read from the bit pattern instead (the same integer for
+    every positive finite float32; other inputs, which every caller masks, may differ): Inductor's
+    CPU code calls ``frexp`` one element at a time, while bit operations vectorise. Subnormals are
+    first scaled by 2**64 (exact) so that their exponent field is a normal one."""
+    if not torch.compiler.is_compiling():
+        return torch.frexp(a)[1] - 1
+    small = a < FLOAT32_MIN_NORMAL
+    bits = torch.where(small, a * 2.0**64, a).view(torch.int32)
+    e = ((bits >> 23) & 0xFF) - 127
+    return torch.where(small, e - 64, e)
 
 
 def _round_float(x: torch.Tensor, fmt: FloatFormat, rounding: str, seed: int | None,
                  offsets: torch.Tensor | None) -> torch.Tensor:
     """Round float32 ``x`` to ``fmt``'s grid; ``offsets`` (int64, x's shape) index the random stream."""
+    bits = None
+    if rounding != "nearest":
+        assert offsets is not None and seed is not None
+        bits = sr_bits(philox_randint(seed, offsets))
+    return _round_to_grid(x, fmt, bits)
+
+
+def sr_bits(words: torch.Tensor) -> torch.Tensor:
+    """The top :data:`SR_RANDOM_BITS` bits of Philox words (int64 in [0, 2**32)) as float32 (exact,
+    below 2**24): what stochastic rounding compares against ``frac * 2**24``."""
+    return (words >> (32 - SR_RANDOM_BITS)).to(torch.float32)
+
+
+def _round_to_grid(x: torch.Tensor, fmt: FloatFormat, bits: torch.Tensor | None) -> torch.Tensor:
+    """The arithmetic of :func:`_round_float`: nearest-even when ``bits`` is None, else stochastic
+    with ``bits`` (:func:`sr_bits` of each element's Philox word, x's shape)."""
     a = x.abs().clamp_max(fmt.max)  # saturate first (inf too); max is on the grid; NaN stays NaN
     # The spacing of the grid around a: 2**(max(floor(log2 a), emin) - mantissa_bits). Zero gives
     # frexp exponent 0, below every emin here, so it gets the subnormal spacing.
     e = torch.where(a > 0, _floor_log2(a), torch.full_like(a, fmt.emin, dtype=torch.int32))
     q = _pow2(e.clamp_min(fmt.emin) - fmt.mantissa_bits)
     n = a / q  # exact: a power-of-two division whose result has at most 24 significant bits
-    if rounding == "nearest":
+    if bits is None:
         r = torch.round(n)  # half to even
     else:
         lo = torch.floor(n)
         frac = n - lo  # exact in float32, in [0, 1)
-        assert offsets is not None and seed is not None
-        bits = (philox_randint(seed, offsets) >> (32 - SR_RANDOM_BITS)).to(torch.float32)  # exact < 2**24
         r = lo + (bits < frac * float(2**SR_RANDOM_BITS)).to(torch.float32)
     out = (r * q).clamp_max(fmt.max)  # exact; clamp: rounding up at the top binade
     return torch.copysign(out, x)
@@ -838,6 +875,18 @@ class MXTensor:
         return self.data.numel() * self.data.element_size() + self.scale.numel()
 
 
+def _mx_scaled(xb: torch.Tensor, f: FloatFormat) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The arithmetic of :func:`mx_quantize` on blocks ``xb`` (..., n_blocks, block): each block's
+    E8M0 exponent ``e`` (int32, (..., n_blocks, 1)), whether it holds NaN/Inf (``bad``), and the
+    elements to round, ``xb / 2**e`` (zeros in bad blocks)."""
+    amax_b = xb.abs().amax(dim=-1, keepdim=True)  # NaN and inf propagate
+    bad = ~torch.isfinite(amax_b)
+    pos = amax_b > 0
+    e = torch.where(pos & ~bad, _floor_log2(amax_b.clamp_min(1e-45)) - f.emax, -E8M0_BIAS)
+    e = e.clamp(-E8M0_BIAS, E8M0_BIAS)
+    return e, bad, torch.where(bad, 0.0, xb / _pow2(e))
+
+
 def mx_quantize(
     x: torch.Tensor,
     elem: str = "e4m3",
@@ -869,12 +918,7 @@ def mx_quantize(
     f = MX_ELEMENTS[elem]
     xt, d = _blocked(x, dim, block_size, "mx_quantize: x")
     xb = xt.reshape(*xt.shape[:-1], xt.shape[-1] // block_size, block_size)
-    amax_b = xb.abs().amax(dim=-1, keepdim=True)  # NaN and inf propagate
-    bad = ~torch.isfinite(amax_b)
-    pos = amax_b > 0
-    e = torch.where(pos & ~bad, _floor_log2(amax_b.clamp_min(1e-45)) - f.emax, -E8M0_BIAS)
-    e = e.clamp(-E8M0_BIAS, E8M0_BIAS)
-    xs = torch.where(bad, 0.0, xb / _pow2(e))
+    e, bad, xs = _mx_scaled(xb, f)
     seed_ = _resolve_seed(seed) if rounding == "stochastic" else None
     offs = _block_offsets(x.shape, d, block_size, x.device).reshape(xb.shape) if seed_ is not None else None
     vals = _round_float(xs, f, rounding, seed_, offs).reshape(xt.shape)
@@ -928,6 +972,19 @@ def nvfp4_tensor_scale(amax: torch.Tensor) -> torch.Tensor:
     a = amax.float()
     s = torch.div(torch.full_like(a, NVFP4_TENSOR_SCALE_NUMERATOR), a).clamp_max(FLOAT32_MAX)
     return torch.where(a > 0, s, torch.ones_like(s))
+
+
+def _nvfp4_scaled(xb: torch.Tensor, amax_b: torch.Tensor, S: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The arithmetic of :func:`nvfp4_quantize` on blocks ``xb`` with block amaxes ``amax_b``
+    (broadcastable to ``xb``) and encode scale ``S``: the E4M3 block scale ``sb`` (float32 value),
+    its decode ``db = sb / S``, whether the block holds NaN/Inf (``bad``), and the elements to
+    round, ``xb / db`` (zeros in bad blocks and blocks whose scale is 0)."""
+    bad = ~torch.isfinite(amax_b)
+    sb = _round_float(torch.where(bad, 0.0, amax_b / 6.0 * S), E4M3, "nearest", None, None)
+    db = sb / S
+    xs = torch.where(bad | (sb == 0), 0.0, xb / db)
+    return sb, db, bad, xs
 
 
 def nvfp4_quantize(
@@ -984,10 +1041,7 @@ def nvfp4_quantize(
     else:
         xb = xt.reshape(*xt.shape[:-1], xt.shape[-1] // B, B)
         amax_b = xb.abs().amax(dim=-1, keepdim=True)
-    bad = ~torch.isfinite(amax_b)
-    sb = _round_float(torch.where(bad, 0.0, amax_b / 6.0 * S), E4M3, "nearest", None, None)
-    db = sb / S
-    xs = torch.where(bad | (sb == 0), 0.0, xb / db)
+    sb, db, bad, xs = _nvfp4_scaled(xb, amax_b, S)
     seed_ = _resolve_seed(seed) if rounding == "stochastic" else None
     offs = None
     if seed_ is not None:

@@ -473,18 +473,18 @@ class BlockScaledGemm(nn.Module):
         rounding = "stochastic" if stochastic else "nearest"
         seed = seed if stochastic else None
         sc = self.scaling
+        # Quantize-dequantize in one pass (compiled on the CPU, the kernels' quantize + dequantize
+        # elsewhere): bit-identical to ``q.dequantize()``, without packing codes the GEMM unpacks.
+        from lowprec.matmul.block_fake_quant import mx_fake_quantize, nvfp4_fake_quantize
+
         if sc.format == "nvfp4":
-            from lowprec.kernels.nvfp4_quantize import nvfp4_quantize, rht16
+            from lowprec.kernels.nvfp4_quantize import rht16
 
             amax = self._tensor_amax(t if rht_seed is None else rht16(t, rht_seed, dim=dim))
-            q = nvfp4_quantize(t, dim=dim, block_2d=block_2d, tensor_amax=amax, rounding=rounding, seed=seed,
-                               rht_seed=rht_seed)
-            return q.dequantize(torch.float32)
-        from lowprec.kernels.mx_quantize import mx_quantize
-
+            return nvfp4_fake_quantize(t, dim=dim, block_2d=block_2d, tensor_amax=amax, rounding=rounding, seed=seed,
+                                       rht_seed=rht_seed)
         elem = sc.backward if role == DY else sc.forward
-        return mx_quantize(t, elem, dim=dim, block_size=MX_BLOCK_SIZE, rounding=rounding, seed=seed
-                           ).dequantize(torch.float32)
+        return mx_fake_quantize(t, elem, dim=dim, rounding=rounding, seed=seed)
 
     def _try_scaled_mm(self, a: torch.Tensor, a_elem: str, b: torch.Tensor, b_elem: str) -> torch.Tensor | None:
         """``a @ b.T`` through torch's MXFP8 GEMM, or None (then the caller emulates) when torch
