@@ -34,6 +34,7 @@ bench: setup
 	$(PY) benchmarks/bench_optim.py
 	$(PY) benchmarks/bench_fp8.py
 	$(PY) benchmarks/bench_sensitivity.py
+	$(PY) benchmarks/bench_block_scaled.py
 
 lint: setup
 	$(VENV)/bin/ruff check lowprec kernels tests benchmarks

@@ -8,7 +8,7 @@ holds them. This benchmark trains the demo Llama (4 layers, hidden 256, stdlib t
 
 * ``fp32+AdamW``, ``fp32+AdamW4bit``: recipe ``fp32`` (no conversion), lr from ``recipes/fp32.toml``;
 * ``fp8+AdamW``, ``fp8+AdamW4bit``: recipe ``fp8`` (standard parametrisation, so the fp32 rate);
-* ``unit-fp8+AdamW``, ``unit-fp8+AdamW4bit``: recipe ``unit-fp8``, lr from ``recipes/unit.toml``;
+* ``unit-fp8+AdamW``, ``unit-fp8+AdamW4bit``: recipe ``unit-fp8``, lr from ``recipes/unit-fp8.toml``;
 * ``unit-fp8-nosmooth+AdamW``, ``unit-fp8-nosmooth+AdamW4bit``: ``unit-fp8`` with
   ``cast.smooth_swiglu = false`` (:func:`lowprec.recipes.with_overrides`), the unit rate.
 
@@ -123,8 +123,8 @@ def _arms() -> dict[str, Arm]:
     nosmooth = (("cast.smooth_swiglu", False),)
     out: dict[str, Arm] = {}
     # default order = priority: the headline comparison first, then Smooth-SwiGLU's ablation
-    for name, recipe, over, lr_from in (("fp32", "fp32", (), "fp32"), ("unit-fp8", "unit-fp8", (), "unit"),
-                                        ("unit-fp8-nosmooth", "unit-fp8", nosmooth, "unit"), ("fp8", "fp8", (), "fp32")):
+    for name, recipe, over, lr_from in (("fp32", "fp32", (), "fp32"), ("unit-fp8", "unit-fp8", (), "unit-fp8"),
+                                        ("unit-fp8-nosmooth", "unit-fp8", nosmooth, "unit-fp8"), ("fp8", "fp8", (), "fp8")):
         for opt in ("AdamW", "AdamW4bit"):
             out[f"{name}+{opt}"] = Arm(recipe, over, opt, lr_from)
     order = ["fp32+AdamW", "unit-fp8+AdamW4bit", "unit-fp8-nosmooth+AdamW4bit", "fp8+AdamW", "unit-fp8+AdamW",
@@ -328,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arms", default=",".join(ARMS), help="arms to run, in this order (default: all, %(default)s)")
     p.add_argument("--lr", action="append", default=[], metavar="ARM=VALUE",
-                   help="learning rate of an arm (default: its recipe file's; the unit arms: recipes/unit.toml)")
+                   help="learning rate of an arm (default: its recipe file's; fp8 and unit-fp8 arms: their recipes, which carry swept rates)")
     p.add_argument("--steps", type=int, default=10 * DEMO_STEPS)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=DEMO_SEQ_LEN)

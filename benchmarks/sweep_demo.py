@@ -103,7 +103,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="centre of an arm's first 5-point grid (recipe or recipe:optimizer)")
     p.add_argument("--max-points", type=int, default=11)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--tag", default="sweep_demo", help="name of the JSON/PNG/point log")
+    p.add_argument("--tag", default="sweep_demo", help="name of the JSON and PNG written")
+    p.add_argument("--log", type=Path, default=RESULTS_DIR / "sweep_demo" / "points.jsonl",
+                   help="the point log shared by every sweep at these settings (default %(default)s); two "
+                        "processes sweeping different arms may share it")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -118,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds = tuple(int(s) for s in args.seeds.split(","))
     t0 = time.time()
     results = sweep_arms(arms, steps=args.steps, batch_size=args.batch_size, seeds=seeds, centers=centers,
-                         max_points=args.max_points, log_path=RESULTS_DIR / args.tag / "points.jsonl")
+                         max_points=args.max_points, log_path=args.log)
     rows = []
     for arm, r in results.items():
         rows.append({"arm": arm, "swept": " ".join(f"{lr:.3g}:{r.points[lr]:.4f}" for lr in sorted(r.points)),
