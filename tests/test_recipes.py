@@ -131,7 +131,7 @@ def test_missing_recipe_file_names_the_path(tmp_path):
 def test_a_copied_and_edited_recipe_file_loads(tmp_path):
     """The README's advice: copy a shipped file, edit it, pass its path."""
     src = Recipe.from_name("fp32").source
-    text = open(src).read().replace('name = "fp32"', 'name = "mine"').replace("lr = 3e-3", "lr = 1e-3")
+    text = open(src).read().replace('name = "fp32"', 'name = "mine"').replace("lr = 5e-4", "lr = 1e-3")
     path = _write(tmp_path, text, "mine.toml")
     r = lowprec.recipes.resolve(str(path))
     assert (r.name, r.optimizer.lr, r.source) == ("mine", 1e-3, str(path))
