@@ -14,7 +14,8 @@ MXFP8 (E4M3 elements, E8M0 scales per 32), MXFP4 (E2M1 per 32), NVFP4 (E2M1 per 
 scales) with torchao's per-tensor scale as in the NVIDIA recipe, and without it (torchao's
 default: the anchor's 20.40 dB). Speed: median time of each cast of a 4096 x 4096 bf16 tensor on
 the CPU, 1 thread, interleaved rounds; ratios against torchao. lowprec's casts on the CPU are its
-PyTorch references (the Triton kernels run on CUDA).
+PyTorch references (the Triton kernels run on CUDA), and the training path's compiled
+quantize-dequantize (``lowprec.matmul.block_fake_quant``: no packing, one Inductor loop; float32 in).
 
     python benchmarks/bench_block_scaled.py            # ~1 min
     python benchmarks/bench_block_scaled.py --no-speed
@@ -130,13 +131,28 @@ def quality(ts: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
     return rows
 
 
+def compiled(x: torch.Tensor, scheme: str) -> torch.Tensor:
+    """The training path's quantize-dequantize (no packing; compiled by Inductor on the CPU, float32 in)."""
+    from lowprec.matmul.block_fake_quant import mx_fake_quantize, nvfp4_fake_quantize
+
+    if scheme == "MXFP8":
+        return mx_fake_quantize(x, "e4m3")
+    if scheme == "MXFP4":
+        return mx_fake_quantize(x, "e2m1")
+    return nvfp4_fake_quantize(x)
+
+
 def speed(rounds: int) -> list[dict[str, Any]]:
     torch.set_num_threads(1)
     x = torch.randn(4096, 4096, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    x32 = x.float()
     times: dict[tuple[str, str], list[float]] = {}
+    for scheme in SCHEMES[:3]:
+        compiled(x32[:64, :64], scheme)  # compile outside the timing
     for _ in range(rounds):
         for scheme in SCHEMES[:3]:
-            for who, fn in (("lowprec", lambda s=scheme: ours(x, s)), ("torchao", lambda s=scheme: theirs(x, s))):
+            for who, fn in (("lowprec", lambda s=scheme: ours(x, s)), ("torchao", lambda s=scheme: theirs(x, s)),
+                            ("lowprec compiled", lambda s=scheme: compiled(x32, s))):
                 t0 = time.perf_counter()
                 r = fn()
                 dt = time.perf_counter() - t0
@@ -147,8 +163,11 @@ def speed(rounds: int) -> list[dict[str, Any]]:
         ours_t = statistics.median(times[(scheme, "lowprec")])
         th = times.get((scheme, "torchao"))
         their_t = statistics.median(th) if th else float("nan")
-        rows.append({"cast + dequantize, 4096x4096 bf16": scheme, "lowprec ms": round(ours_t * 1e3, 1),
-                     "torchao ms": round(their_t * 1e3, 1), "lowprec / torchao": round(ours_t / their_t, 2)})
+        comp_t = statistics.median(times[(scheme, "lowprec compiled")])
+        rows.append({"cast + dequantize, 4096x4096 bf16": scheme, "lowprec reference ms": round(ours_t * 1e3, 1),
+                     "lowprec compiled ms": round(comp_t * 1e3, 1), "torchao ms": round(their_t * 1e3, 1),
+                     "reference / torchao": round(ours_t / their_t, 2),
+                     "compiled / torchao": round(comp_t / their_t, 2)})
     return rows
 
 

@@ -27,7 +27,8 @@ every compiled graph is checked once against the eager arithmetic on a probe ope
 used, and runs eagerly if it disagrees.
 
 Where it runs: ``impl="auto"`` compiles on the CPU for the layouts the kernels take (blocks along
-the last dimension, or along dim 0 of a 2-D tensor) and uses the reference (``q.dequantize()`` of
+the last dimension, or along dim 0 of a 2-D tensor) when the operand has at least
+:data:`COMPILE_MIN_NUMEL` elements (runs the same arithmetic eagerly below that) and uses the reference (``q.dequantize()`` of
 the kernels' dispatch: Triton on CUDA) elsewhere, for empty tensors, and when ``LOWPREC_COMPILE=0``.
 Inside a graph being compiled it traces the fused arithmetic into that graph.
 """
@@ -88,6 +89,19 @@ def _layout(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, bool] | None:
     if x.dim() == 2 and d == 0:
         return x.t(), True
     return None
+
+
+# Below this many elements ``impl="auto"`` runs the same arithmetic eagerly: compiling a
+# configuration costs seconds to tens of seconds once per process, which only pays on operands of
+# real size (the demo Llama's are 2048 x 256 and larger); tiny ones (tests, toy models) would spend
+# far longer compiling than computing.
+COMPILE_MIN_NUMEL = 1 << 16
+
+
+def _compiles(x: torch.Tensor, impl: str) -> bool:
+    """Whether the fast path runs compiled (else its eager form): always for ``"compiled"``, for
+    ``"auto"`` from :data:`COMPILE_MIN_NUMEL` elements up."""
+    return impl == "compiled" or (impl == "auto" and x.numel() >= COMPILE_MIN_NUMEL)
 
 
 def _use_fast(x: torch.Tensor, impl: str) -> bool:
@@ -235,7 +249,7 @@ def mx_fake_quantize(
     seed_ = _resolve_seed(seed) if stochastic else None
     key = f"block_fake_quant:mx-{elem}-{rounding}-{'t' if transposed else 'n'}"
     out = _run(key, lambda: _mx_factory(MX_ELEMENTS[elem], stochastic, transposed),
-               (x2.detach().float(), _philox_key_tensor(seed_, x.device)), impl != "eager")
+               (x2.detach().float(), _philox_key_tensor(seed_, x.device)), _compiles(x, impl))
     return _crop(out, x2.shape, transposed, x.shape)
 
 
@@ -325,7 +339,7 @@ def nvfp4_fake_quantize(
     key = (f"block_fake_quant:nvfp4-{rounding}-{'t' if transposed else 'n'}{'-2d' if block_2d else ''}"
            f"{'-rht' if rht else ''}{'-amax' if given else ''}")
     out = _run(key, lambda: _nvfp4_factory(stochastic, transposed, block_2d, rht, given),
-               (x2.detach().float(), _philox_key_tensor(seed_, x.device), signs, tamax), impl != "eager")
+               (x2.detach().float(), _philox_key_tensor(seed_, x.device), signs, tamax), _compiles(x, impl))
     return _crop(out, x2.shape, transposed, x.shape)
 
 
