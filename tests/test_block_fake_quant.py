@@ -148,12 +148,11 @@ def _compiled(fn, *args, **kw):
 def test_compiled_mx_equals_reference():
     for shape in ((37, 70), (5, 33)):  # two shapes: the second reuses the first's (dynamic) graph
         x = _operand(*shape, seed=shape[0])
-        for dim in (1, 0):
-            got = _compiled(mx_fake_quantize, x, "e2m1", dim=dim, rounding="stochastic", seed=2**40 + 3)
-            want = formats.mx_quantize(x, "e2m1", dim=dim, rounding="stochastic", seed=2**40 + 3).dequantize()
-            assert _bits_equal(got, want), (shape, dim)
-    got = _compiled(mx_fake_quantize, x, "e4m3", dim=1)
-    assert _bits_equal(got, formats.mx_quantize(x, "e4m3", dim=1).dequantize()), shape
+        # one configuration, the transposed layout with stochastic rounding (the most branches); the
+        # others run the same arithmetic, checked bit-exactly eagerly above (each compile costs ~30 s)
+        got = _compiled(mx_fake_quantize, x, "e2m1", dim=0, rounding="stochastic", seed=2**40 + 3)
+        want = formats.mx_quantize(x, "e2m1", dim=0, rounding="stochastic", seed=2**40 + 3).dequantize()
+        assert _bits_equal(got, want), shape
     assert bfq._VERIFIED["block_fake_quant:mx-e2m1-stochastic-t"]
 
 
@@ -164,9 +163,6 @@ def test_compiled_nvfp4_equals_reference():
         x = _operand(*shape, seed=shape[1])
         kw = dict(dim=0, rounding="stochastic", seed=12345, rht_seed=77)
         assert _bits_equal(_compiled(nvfp4_fake_quantize, x, **kw), nvfp4_quantize(x, **kw).dequantize()), shape
-    x = _operand()
-    got = _compiled(nvfp4_fake_quantize, x, dim=1, block_2d=True)
-    assert _bits_equal(got, formats.nvfp4_quantize(x, dim=1, block_2d=True).dequantize())
 
 
 def test_auto_compiles_only_operands_large_enough_to_pay():
