@@ -88,7 +88,7 @@ from torch import nn
 
 from lowprec.kernels.dispatch import capability_of
 from lowprec.matmul.fp8_gemm import FP8_DIM_MULTIPLE, smoothing_scales, tensor_amax
-from lowprec.matmul.functional import GEMM_BACKENDS
+from lowprec.matmul.functional import GEMM_BACKENDS, finish_linear_grads
 from lowprec.matmul.scaling import all_reduce_amax
 
 BLOCK_FORMATS = ("mxfp8", "nvfp4")
@@ -308,7 +308,7 @@ class _BlockScaledLinearFn(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         dy2 = gy.reshape(-1, gy.shape[-1]).float()
         sr = sc.format == "nvfp4" and sc.stochastic_rounding
-        gx = gw = gb = None
+        gx = gw = None
         noted = False
         if need_x:
             gx = None
@@ -338,17 +338,7 @@ class _BlockScaledLinearFn(torch.autograd.Function):
                                   rht_seed=rht_seed)
                 bq = mod.quantize(b, X, dim=0, count=False, rht_seed=rht_seed)
                 gw = aq.t() @ bq
-        if smooth is not None:
-            if gx is not None:
-                gx = gx * smooth
-            if gw is not None:
-                gw = gw / smooth
-        if gx is not None:
-            gx = gx.reshape(ctx.x_shape).to(ctx.x_dtype)
-        if gw is not None:
-            gw = gw.to(ctx.w_dtype)
-        if ctx.has_bias and need_b:
-            gb = dy2.sum(0).to(ctx.w_dtype)
+        gx, gw, gb = finish_linear_grads(ctx, gx, gw, dy2, smooth, need_b)
         return gx, gw, gb, None, None
 
 

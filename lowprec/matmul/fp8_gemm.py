@@ -36,6 +36,7 @@ from lowprec.kernels.fp8_cast_transpose import cast_transpose
 from lowprec.matmul.functional import (
     GEMM_BACKENDS,
     cast_widened,
+    finish_linear_grads,
     forward_gemm,
     fp8_mm,
     grad_input_gemm,
@@ -129,7 +130,7 @@ class _Fp8LinearFn(torch.autograd.Function):
         fwd, bwd = sc.fwd_format, sc.bwd_format
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         dy2 = gy.reshape(-1, gy.shape[-1])
-        gx = gw = gb = None
+        gx = gw = None
         if ctx.kind == "blockwise":
             x2, wd, smooth = ctx.saved_tensors
             dyd, _ = mod._blockwise(dy2, DY, bwd, (1, sc.block_act))
@@ -160,17 +161,7 @@ class _Fp8LinearFn(torch.autograd.Function):
                 dy_t = dyqt if dyqt is not None else dyq.t()
                 x_mk = xqt.t() if xqt is not None else xq
                 gw = grad_weight_gemm(dy_t, x_mk, 1.0 / sdy, 1.0 / sx, torch.float32, ctx.backend)
-        if smooth is not None:
-            if gx is not None:
-                gx = gx * smooth
-            if gw is not None:
-                gw = gw / smooth
-        if gx is not None:
-            gx = gx.reshape(ctx.x_shape).to(ctx.x_dtype)
-        if gw is not None:
-            gw = gw.to(ctx.w_dtype)
-        if ctx.has_bias and need_b:
-            gb = dy2.float().sum(0).to(ctx.w_dtype)
+        gx, gw, gb = finish_linear_grads(ctx, gx, gw, dy2, smooth, need_b)
         return gx, gw, gb, None
 
 

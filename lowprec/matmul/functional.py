@@ -206,3 +206,23 @@ def grad_weight_gemm(dyq_t: torch.Tensor, xq_mk: torch.Tensor, inv_sdy: torch.Te
     """``dW = dY^T . X``: ``dyq_t`` (N,M) row-major, ``xq_mk`` (M,K) (column-major on the GPU);
     ``inv_sdy`` a scalar or (N,1), ``inv_sx`` a scalar or (1,K)."""
     return fp8_mm(dyq_t, xq_mk, inv_sdy, inv_sx, out_dtype, backend)
+
+
+def finish_linear_grads(ctx, gx: torch.Tensor | None, gw: torch.Tensor | None, dy2: torch.Tensor,
+                        smooth: torch.Tensor | None, need_bias: bool,
+                        ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The end of every low-precision linear's backward: fold Smooth-SwiGLU's per-channel scales
+    ``s`` back out (``x*s`` was multiplied by ``W/s``, so ``dX`` picks up ``s`` and ``dW`` ``1/s``),
+    return each gradient in its tensor's shape and dtype (``ctx.x_shape``, ``ctx.x_dtype``,
+    ``ctx.w_dtype``), and sum the bias gradient in float32."""
+    if smooth is not None:
+        if gx is not None:
+            gx = gx * smooth
+        if gw is not None:
+            gw = gw / smooth
+    if gx is not None:
+        gx = gx.reshape(ctx.x_shape).to(ctx.x_dtype)
+    if gw is not None:
+        gw = gw.to(ctx.w_dtype)
+    gb = dy2.float().sum(0).to(ctx.w_dtype) if ctx.has_bias and need_bias else None
+    return gx, gw, gb
