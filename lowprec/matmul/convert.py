@@ -292,28 +292,6 @@ def apply_casts(model: nn.Module, recipe, report) -> None:
 
         enable_smooth_swiglu(model, report)
     elif recipe.cast.smooth_swiglu and fmt in BLOCK_FORMATS:
-        _enable_block_smooth_swiglu(model, report)
+        from lowprec.matmul.smooth_swiglu import enable_smooth_swiglu
 
-
-def _enable_block_smooth_swiglu(model: nn.Module, report) -> list[str]:
-    """Smooth-SwiGLU in the block-scaled GEMM of every SwiGLU MLP's ``down_proj`` (what
-    :func:`lowprec.matmul.smooth_swiglu.enable_smooth_swiglu` does for FP8 GEMMs)."""
-    from lowprec.matmul.smooth_swiglu import swiglu_mlps
-
-    done = []
-    for name, mlp in swiglu_mlps(model):
-        down_name = f"{name}.down_proj" if name else "down_proj"
-        gemm = getattr(mlp.down_proj, "gemm", None)
-        if not isinstance(gemm, BlockScaledGemm):
-            note = "Smooth-SwiGLU not applied: down_proj has no block-scaled GEMM"
-            if down_name in report.converted:
-                if note not in report.converted[down_name]:
-                    report.add(down_name, f"{report.converted[down_name]}; {note}")
-            else:
-                why = report.skipped.get(down_name)
-                report.skip(down_name, f"{why}; {note}" if why else note)
-            continue
-        gemm.smooth = True
-        done.append(down_name)
-        report.add(down_name, report.converted.get(down_name, "block-scaled down_proj") + " + Smooth-SwiGLU")
-    return done
+        enable_smooth_swiglu(model, report, gemm_type=BlockScaledGemm, kind="block-scaled", note_converted=True)

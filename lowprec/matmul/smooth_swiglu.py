@@ -62,23 +62,30 @@ def swiglu_mlps(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if is_swiglu_mlp(m)]
 
 
-def enable_smooth_swiglu(model: nn.Module, report=None) -> list[str]:
-    """Turn Smooth-SwiGLU on in the FP8 GEMM of every SwiGLU MLP's ``down_proj``.
+def enable_smooth_swiglu(model: nn.Module, report=None, *, gemm_type: type = Fp8Gemm, kind: str = "FP8",
+                         note_converted: bool = False) -> list[str]:
+    """Turn Smooth-SwiGLU on in the ``gemm_type`` GEMM (FP8 by default; the block-scaled GEMM
+    under MXFP8/NVFP4) of every SwiGLU MLP's ``down_proj``.
 
     Returns the qualified names of the ``down_proj`` modules changed. An MLP whose ``down_proj``
-    has no FP8 GEMM (excluded, or kept in high precision) is reported as skipped."""
+    has no such GEMM (excluded, or kept in high precision) is reported as skipped; with
+    ``note_converted`` the note is also appended when an earlier step converted that layer."""
     done = []
     for name, mlp in swiglu_mlps(model):
         down_name = f"{name}.down_proj" if name else "down_proj"
         gemm = getattr(mlp.down_proj, "gemm", None)
-        if not isinstance(gemm, Fp8Gemm):
-            if report is not None and down_name not in report.converted:
+        if not isinstance(gemm, gemm_type):
+            note = f"Smooth-SwiGLU not applied: down_proj has no {kind} GEMM"
+            if report is None:
+                continue
+            if down_name not in report.converted:
                 why = report.skipped.get(down_name)
-                note = "Smooth-SwiGLU not applied: down_proj has no FP8 GEMM"
                 report.skip(down_name, f"{why}; {note}" if why else note)
+            elif note_converted and note not in report.converted[down_name]:
+                report.add(down_name, f"{report.converted[down_name]}; {note}")
             continue
         gemm.smooth = True
         done.append(down_name)
         if report is not None:
-            report.add(down_name, report.converted.get(down_name, "FP8 down_proj") + " + Smooth-SwiGLU")
+            report.add(down_name, report.converted.get(down_name, f"{kind} down_proj") + " + Smooth-SwiGLU")
     return done
