@@ -4,13 +4,15 @@ The FP8-at-trillion-tokens paper (Fishman, Chmiel, Banner, Soudry, ICLR 2025) fi
 outliers grow late in training (weight decay aligns the gate and up projections, the unit turns
 quadratic) and overflow FP8; Smooth-SwiGLU (a per-channel scale before the down projection)
 holds them. This benchmark trains the demo Llama (4 layers, hidden 256, stdlib text) for
-``--steps`` (3000, 10x the demo's 300) in 8 arms, each at its tuned learning rate:
+``--steps`` (3000, 10x the demo's 300) in 10 arms, each at its tuned learning rate:
 
 * ``fp32+AdamW``, ``fp32+AdamW4bit``: recipe ``fp32`` (no conversion), lr from ``recipes/fp32.toml``;
 * ``fp8+AdamW``, ``fp8+AdamW4bit``: recipe ``fp8`` (standard parametrisation, so the fp32 rate);
 * ``unit-fp8+AdamW``, ``unit-fp8+AdamW4bit``: recipe ``unit-fp8``, lr from ``recipes/unit-fp8.toml``;
 * ``unit-fp8-nosmooth+AdamW``, ``unit-fp8-nosmooth+AdamW4bit``: ``unit-fp8`` with
-  ``cast.smooth_swiglu = false`` (:func:`lowprec.recipes.with_overrides`), the unit rate.
+  ``cast.smooth_swiglu = false`` (:func:`lowprec.recipes.with_overrides`), the unit rate;
+* ``unit+AdamW``, ``unit+AdamW4bit``: recipe ``unit`` (u-muP, matmuls in float32, no FP8), lr from
+  ``recipes/unit.toml``: separates what the parametrisation costs from what FP8 costs.
 
 (``--lr ARM=VALUE`` overrides one.) Everything else (weight decay, betas, eps, schedule) is the
 arm's own recipe; every arm has the same seed, batches, warm-up and steps.
@@ -55,13 +57,13 @@ Each log line costs 0.5 s (fp32: evaluation only) to 1.6 s (FP8: evaluation plus
 table), 61 of them per arm. So at batch 4 one arm of 3000 steps takes about 10 minutes for fp32
 and 15 to 22 for the FP8 arms (their casts and the 4-bit optimizer step cost the same at any
 batch, so a smaller batch buys little: batch 2 would still be above 10 minutes and train on
-fewer bytes than the demo). All 8 arms: about 2 to 2.5 hours on one thread, 1 to 1.3 with two processes
+fewer bytes than the demo). The 8 FP8 and fp32 arms: about 2 to 2.5 hours on one thread, 1 to 1.3 with two processes
 side by side (``--arms`` split in two, each ``--threads 1``). 3000 x 4 x 128 = 1.5 M bytes, 2.5x
 the demo's 300 x 16 x 128, under one epoch of the 3.6 MB training text. ``--batch-size 8`` (5x
 the demo's bytes, nearer the batch the rates were tuned at) doubles the cost. The recipes' rates
 were swept at the demo's 300 x 16: a rate tuned there is not tuned for 3000 x 4, for any arm.
 
-    python benchmarks/long_run.py                                       # all 8 arms, priority order
+    python benchmarks/long_run.py                                       # all 10 arms, priority order
     python benchmarks/long_run.py --arms fp32+AdamW,unit-fp8+AdamW4bit  # the two the issue asks first
     python benchmarks/long_run.py --lr fp32+AdamW=5e-4 --arms fp32+AdamW
     python benchmarks/long_run.py --steps 20 --hidden 32 --intermediate 64 --layers 2 --heads 2 \\
@@ -124,11 +126,12 @@ def _arms() -> dict[str, Arm]:
     out: dict[str, Arm] = {}
     # default order = priority: the issue's headline comparison first, then Smooth-SwiGLU's ablation
     for name, recipe, over, lr_from in (("fp32", "fp32", (), "fp32"), ("unit-fp8", "unit-fp8", (), "unit-fp8"),
-                                        ("unit-fp8-nosmooth", "unit-fp8", nosmooth, "unit-fp8"), ("fp8", "fp8", (), "fp8")):
+                                        ("unit-fp8-nosmooth", "unit-fp8", nosmooth, "unit-fp8"), ("fp8", "fp8", (), "fp8"),
+                                        ("unit", "unit", (), "unit")):
         for opt in ("AdamW", "AdamW4bit"):
             out[f"{name}+{opt}"] = Arm(recipe, over, opt, lr_from)
     order = ["fp32+AdamW", "unit-fp8+AdamW4bit", "unit-fp8-nosmooth+AdamW4bit", "fp8+AdamW", "unit-fp8+AdamW",
-             "fp32+AdamW4bit", "fp8+AdamW4bit", "unit-fp8-nosmooth+AdamW"]
+             "fp32+AdamW4bit", "fp8+AdamW4bit", "unit-fp8-nosmooth+AdamW", "unit+AdamW", "unit+AdamW4bit"]
     return {k: out[k] for k in order}
 
 

@@ -548,6 +548,11 @@ def _check_sensitivity_args(args: argparse.Namespace) -> None:
         return
     from lowprec.sensitivity.training_formats import FORMAT_METHODS
 
+    if args.recipe is not None:
+        # the scores compare each layer under FORMAT against BF16 on the unconverted model; a recipe's
+        # own cast would sit under the scored one and every score would measure two roundings
+        raise CLIError(f"--recipe {args.recipe} converts the model before scoring; --for-training scores the "
+                       f"unconverted model under {args.for_training} (drop --recipe)")
     given = [o for o, v in (("--bits", args.bits), ("--avg-bits", args.avg_bits),
                             ("--size-budget-bytes", args.size_budget_bytes)) if v is not None]
     if given:

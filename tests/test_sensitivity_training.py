@@ -344,6 +344,7 @@ def test_cli_rejects_bad_options_at_parse_time(tiny_config, argv, message, capsy
     (["--high-precision-budget", "0.1"], "needs --for-training"),
     (["--for-training", "nvfp4", "--method", "hawq"], "does not score training formats"),
     (["--for-training", "nvfp4", "--avg-bits", "4"], "--avg-bits choose bits per layer"),
+    (["--for-training", "nvfp4", "--recipe", "unit-fp8"], "scores the unconverted model under nvfp4"),
 ])
 def test_cli_rejects_mixed_modes(tmp_path, tiny_config, argv, message, capsys):
     assert cli.main(["sensitivity", "--config", tiny_config, *argv, "--out", str(tmp_path / "r"), *SMALL]) == 2
