@@ -955,14 +955,18 @@ def build_parser() -> argparse.ArgumentParser:
                                    "for every linear layer's weight, input, weight gradient and output gradient: "
                                    "std, amax, and the fractions that saturate (clip at the format's max) or "
                                    "underflow (round to zero) when cast to the recipe's formats with its scaling. "
-                                   "A recipe without FP8 casts is shown against E4M3/E5M2 with no scaling: how "
-                                   "well the tensors fit FP8 as they are.")
+                                   "MXFP8 and NVFP4 recipes are shown under their own block scaling (1x32 and "
+                                   "1x16 blocks along each tensor's last dimension). A recipe without "
+                                   "low-precision casts is shown against E4M3/E5M2 with no scaling: how well the "
+                                   "tensors fit FP8 as they are.")
     p.add_argument("recipe", metavar="RECIPE", nargs="?", help="shipped recipe name or .toml path (default: unconverted)")
     _add_model_data(p, batch_size=4)
     p.add_argument("--checkpoint", metavar="PATH", help="weights to inspect (a run directory or checkpoint)")
-    p.add_argument("--format", help="forward format override (e4m3, e5m2, fp16, bf16)")
+    p.add_argument("--format", help="forward format override (e4m3, e5m2, e2m1, fp16, bf16)")
     p.add_argument("--grad-format", help="gradient format override (default: the recipe's backward format)")
-    p.add_argument("--scaling", choices=("none", "current", "rowwise", "blockwise"), help="scaling override")
+    p.add_argument("--scaling", choices=("none", "current", "rowwise", "blockwise", "mx", "nvfp4"),
+                   help="scaling override (mx: OCP MX 1x32 blocks, E8M0 scales; nvfp4: 1x16 blocks, E4M3 scales "
+                        "and a tensor scale)")
     p.add_argument("--all-ops", action="store_true", help="also print every op's table (std of outputs and "
                    "input gradients, saturation with scale 1); it is always written to RUNDIR/ops.txt")
     _add_recipe_options(p)
