@@ -99,6 +99,7 @@ from lowprec.matmul import smoothing_scales  # noqa: E402
 from lowprec.models import DEMO_SEQ_LEN, demo_llama  # noqa: E402
 from lowprec.numerics import formats_for, numerics_table, tensor_stats  # noqa: E402
 from lowprec.recipes import Recipe, resolve, with_overrides  # noqa: E402
+from lowprec.sweep import SweepResult, log_grid, lr_sweep, plot_sweeps  # noqa: E402
 from lowprec.training import TrainConfig, evaluate, logits_of, train  # noqa: E402
 
 NAME = "long_run"
@@ -314,6 +315,34 @@ def run_arm(name: str, arm: Arm, lr: float, args: argparse.Namespace, corpus: An
     return {"log": _read_log(log_path), **info}
 
 
+def sweep_dir(out: Path, lr: float, seed: int) -> Path:
+    """Where ``--sweep`` keeps one point: a long-run output folder of its own per (rate, seed)."""
+    return Path(out) / "long_run_sweep" / (f"lr{lr:g}" + (f"-seed{seed}" if seed else ""))
+
+
+def sweep(arms: Sequence[str], centres: dict[str, float], args: argparse.Namespace, corpus: Any,
+          model_overrides: dict[str, Any]) -> dict[str, SweepResult]:
+    """``--sweep``: each arm's learning rate tuned at this run's own setting (steps, batch), by the
+    protocol every quality figure uses (:func:`lowprec.sweep.lr_sweep`: 5 rates by factors of 2
+    around the centre, extended until the best is bracketed, then ``--seeds`` at the best). A rate
+    tuned at the demo's 300 x 16 is not tuned for 3000 x 4. Each point is a full long run in
+    :func:`sweep_dir` (resumable, reused when present: rerunning the sweep retrains nothing)."""
+    seeds = tuple(int(s) for s in args.seeds.split(","))
+    results = {}
+    for name in arms:
+        arm = ARMS[name]
+
+        def run(lr: float, seed: int, name: str = name, arm: Arm = arm) -> float:
+            point = argparse.Namespace(**{**vars(args), "out": sweep_dir(args.out, lr, seed), "seed": seed})
+            log = run_arm(name, arm, lr, point, corpus, model_overrides)["log"]
+            loss = log[-1]["val_loss"] if log and log[-1]["step"] == args.steps else math.nan
+            print(f"  {name} lr {lr:g} seed {seed}: {loss:.4f}", flush=True)
+            return loss
+
+        results[name] = lr_sweep(name, run, log_grid(centres[name]), seeds=seeds, max_points=args.max_points)
+    return results
+
+
 def _lr_overrides(items: Sequence[str]) -> dict[str, float]:
     out = {}
     for item in items:
@@ -352,6 +381,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--progress", action="store_true")
     p.add_argument("--verbose", action="store_true", help="a line per log step")
     p.add_argument("--no-plot", action="store_true", help="write the JSON only")
+    p.add_argument("--sweep", action="store_true",
+                   help="tune each arm's rate at this setting (5 rates by factors of 2 around its --lr or recipe "
+                        "rate, extended until bracketed) instead of one run per arm")
+    p.add_argument("--seeds", default="0", help="--sweep: seeds run at each arm's best rate (the first sweeps)")
+    p.add_argument("--max-points", type=int, default=8, help="--sweep: most rates per arm")
     args = p.parse_args(argv)
     arms = [a for a in args.arms.split(",") if a]
     unknown = [a for a in arms if a not in ARMS]
@@ -372,6 +406,9 @@ def main(argv: list[str] | None = None) -> int:
                                          ("num_key_value_heads", args.heads)) if v is not None}
     corpus = stdlib_corpus(max_bytes=args.max_bytes)
     t0 = time.time()
+    if args.sweep:
+        centres = {n: lr_over.get(n, resolve(ARMS[n].lr_from).optimizer.lr) for n in arms}
+        return write_sweep(sweep(arms, centres, args, corpus, model_overrides), args, time.time() - t0)
     results: dict[str, dict[str, Any]] = {}
     for name in arms:
         arm = ARMS[name]
@@ -393,6 +430,28 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {path}")
     for png in [] if args.no_plot else plot(results, out):
         print(f"wrote {png}")
+    return 0
+
+
+def write_sweep(results: dict[str, SweepResult], args: argparse.Namespace, seconds: float) -> int:
+    """Print each arm's sweep, write ``<out>/long_run_sweep.json`` and its plot, and the command
+    that puts the tuned rates into the long run's own table."""
+    rows = [{"arm": a, "rates (final val loss)": ", ".join(f"{lr:g} {v:.4f}" for lr, v in sorted(r.points.items())),
+             "best lr": f"{r.best_lr:g}", "bracketed": r.bracketed, "mean": round(r.mean, 4),
+             "spread": round(r.spread, 4)} for a, r in results.items()]
+    print(format_table(rows))
+    out = Path(args.out)
+    path = out / "long_run_sweep.json"
+    path.write_text(json.dumps({"config": {**vars(args), "out": str(out)}, "seconds": seconds,
+                                "sweeps": {a: r.to_dict() for a, r in results.items()}}, indent=2, default=str))
+    print(f"wrote {path}")
+    if not args.no_plot:
+        png = plot_sweeps(results, out / "long_run_sweep.png",
+                          f"long run, {args.steps} x {args.batch_size}: final val loss against lr")
+        if png is not None:
+            print(f"wrote {png}")
+    lrs = " ".join(f"--lr {a}={r.best_lr:g}" for a, r in results.items())
+    print(f"the long run at these rates: python benchmarks/long_run.py --arms {','.join(results)} {lrs}")
     return 0
 
 
