@@ -442,8 +442,13 @@ def write_sweep(results: dict[str, SweepResult], args: argparse.Namespace, secon
     print(format_table(rows))
     out = Path(args.out)
     path = out / "long_run_sweep.json"
-    path.write_text(json.dumps({"config": {**vars(args), "out": str(out)}, "seconds": seconds,
-                                "sweeps": {a: r.to_dict() for a, r in results.items()}}, indent=2, default=str))
+    # arms swept by earlier or parallel calls stay in the file (a sweep per arm, side by side)
+    earlier = json.loads(path.read_text()).get("sweeps", {}) if path.is_file() else {}
+    sweeps = {**earlier, **{a: {**r.to_dict(), "config": {**vars(args), "out": str(out)}, "seconds": seconds}
+                            for a, r in results.items()}}
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps({"sweeps": sweeps}, indent=2, default=str))
+    os.replace(tmp, path)
     print(f"wrote {path}")
     if not args.no_plot:
         png = plot_sweeps(results, out / "long_run_sweep.png",
