@@ -18,6 +18,8 @@ numerics of the formats; no speed-up):
    ``lowprec.sensitivity.select_high_precision`` picks from measured NVFP4-vs-BF16 scores of the
    fp32-trained model, NVIDIA's last-blocks rule (:func:`last_layers`) and a random choice within
    the budget (:func:`random_layers`, a new draw per seed), ``--seeds`` each.
+4. **What the scores missed**: each transformer block kept in BF16 in turn (``--block-seeds``),
+   its measured effect on training beside the sum of its layers' scores.
 
     python benchmarks/train_block_scaled.py                       # 300 x 16, the demo's size
     python benchmarks/train_block_scaled.py --steps 150 --batch-size 8   # a quarter of the work
@@ -111,6 +113,39 @@ def write_plans(out_dir: Path, budget: float, seeds: tuple[int, ...], fp32_lr: f
     return plans
 
 
+def per_block(plan_dir: Path, plans: dict[str, Path], budget: float, seeds: tuple[int, ...],
+              nv_full: dict[int, float], at_rate, abl_none: dict[int, float]) -> list[dict[str, Any]]:
+    """What the sensitivity scores missed: each transformer block kept in BF16 in turn (each one
+    block is the same FLOP budget), its measured effect on NVFP4 training (final loss against no
+    BF16 layers at all) beside the sum of its linears' scores (the one-batch forward loss change
+    under NVFP4 that the selection ranks by). A score that predicts training would order the
+    blocks the same way."""
+    from lowprec.sensitivity.select import save_high_precision_plan
+
+    sens = json.loads(plans["sensitivity"].read_text())
+    scores, flops = sens.get("scores") or {}, sens["flops"]
+    blocks = sorted({n.split(".")[2] for n in flops}, key=int)  # model.layers.<i>.<...>
+    last = kept(plans["last blocks"])
+    rows = []
+    for b in blocks:
+        keep = [n for n in flops if n.split(".")[2] == b]
+        if sorted(keep) == sorted(last):
+            losses = {s: nv_full[s] for s in seeds}
+        else:
+            path = plan_dir / f"block-{b}.json"
+            save_high_precision_plan(path, keep, fmt="nvfp4", budget=budget, method="one block", flops=flops)
+            losses = at_rate(f"block {b} plan", {"cast.high_precision_plan": str(path.resolve())}, seeds)
+        gain = statistics.fmean(abl_none[s] - losses[s] for s in seeds)
+        rows.append({"block in BF16": b, "score (sum, nvfp4)": sum(scores.get(n, {}).get("nvfp4", 0.0) for n in keep),
+                     "final loss": statistics.fmean(losses.values()), "loss saved vs no BF16": gain})
+    order_score = [r["block in BF16"] for r in sorted(rows, key=lambda r: -r["score (sum, nvfp4)"])]
+    order_train = [r["block in BF16"] for r in sorted(rows, key=lambda r: -r["loss saved vs no BF16"])]
+    print(f"\nwhat the scores missed: one block in BF16 at a time (seeds {', '.join(map(str, seeds))})")
+    print(format_table([{k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows]))
+    print(f"  blocks by score: {order_score}; by measured training effect: {order_train}")
+    return rows
+
+
 def kept(plan: Path) -> list[str]:
     return json.loads(plan.read_text())["keep"]
 
@@ -124,13 +159,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-points", type=int, default=9)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--ablation-seeds", default="0", help="seeds of each ablation (default: the first seed only)")
-    p.add_argument("--skip", default="", help="comma-separated parts to skip: ablations, selection")
+    p.add_argument("--block-seeds", default="0", help="seeds of each one-block-in-BF16 run (default: the first seed)")
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: ablations, selection, blocks")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     seeds = tuple(int(s) for s in args.seeds.split(","))
     skip = set(filter(None, args.skip.split(",")))
     ablation_seeds = tuple(int(s) for s in args.ablation_seeds.split(","))
+    block_seeds = tuple(int(s) for s in args.block_seeds.split(","))
     log_path = RESULTS_DIR / "sweep_demo" / "points.jsonl"
     plan_dir = RESULTS_DIR / "train_block_scaled"
     corpus = stdlib_corpus()
@@ -146,6 +183,11 @@ def main(argv: list[str] | None = None) -> int:
     tuned = {"fp32:AdamW": fp32, **tuned}
     nv_lr = tuned["nvfp4:AdamW"].best_lr
     base = fp32.mean
+
+    def vs_fp32(losses: dict[int, float]) -> str:
+        """Gap to tuned fp32 on the same seeds (a seed fixes init and batches, and the seeds' spread
+        is larger than the gaps: one seed is compared with fp32's run on that seed)."""
+        return f"{statistics.fmean(losses.values()) / statistics.fmean(fp32.seed_losses[s] for s in losses) - 1:+.2%}"
 
     log = point_log(log_path, args.steps, args.batch_size)
 
@@ -183,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         sel["random"] = rnd
         srows = [{f"BF16 layers, budget {args.budget:g}": k, "mean": round(statistics.fmean(v.values()), 4),
                   "seeds": " / ".join(f"{x:.4f}" for x in v.values()),
-                  "vs tuned fp32": f"{statistics.fmean(v.values()) / base - 1:+.2%}"} for k, v in sel.items()]
+                  "vs tuned fp32": vs_fp32(v)} for k, v in sel.items()]
         print("\nwhich layers stay in BF16 (nvfp4, all four techniques, same FLOP budget)")
         print(format_table(srows))
         for k in ("last blocks", "sensitivity"):
@@ -196,11 +238,15 @@ def main(argv: list[str] | None = None) -> int:
         arows = [{"nvfp4 at lr " + f"{nv_lr:.3g}": k, "mean": round(statistics.fmean(v.values()), 4),
                   "seeds": " / ".join(f"{x:.4f}" for x in v.values()),
                   "vs all four": f"{statistics.fmean(v.values()) / statistics.fmean(nv_full[s] for s in v) - 1:+.2%}",
-                  "vs tuned fp32": f"{statistics.fmean(v.values()) / base - 1:+.2%}"} for k, v in abl.items()]
+                  "vs tuned fp32": vs_fp32(v)} for k, v in abl.items()]
         print("\nablations (one technique removed at a time)")
         print(format_table(arows))
         payload["ablations"] = {k: v for k, v in abl.items()}
 
+    if "blocks" not in skip:
+        payload["blocks"] = per_block(plan_dir, plans, args.budget, block_seeds, nv_full, at_nvfp4_rate,
+                                      abl_none=at_nvfp4_rate("no BF16 layers", ABLATIONS["no BF16 layers"],
+                                                             block_seeds))
     payload["seconds"] = time.time() - t0
     print(f"wrote {write_json('train_block_scaled', payload)}")
     plot = plot_sweeps(tuned, RESULTS_DIR / "train_block_scaled.png",

@@ -110,3 +110,27 @@ def test_long_run_resumes_bit_identical_and_reruns_nothing(tmp_path):
         _long(b, "--arms", arm, "--lr", f"{arm}=0.1")
     with pytest.raises(SystemExit, match="unknown arms"):
         _long(b, "--arms", "fp16+AdamW")
+
+
+def test_long_run_sweep_brackets_each_arm_and_reuses_its_points(tmp_path, capsys):
+    """--sweep tunes an arm at the long run's own setting: at least 5 rates by factors of 2, each a
+    full long run of its own (its final validation loss is the point), and a rerun trains nothing."""
+    out = tmp_path / "s"
+    argv = ["--steps", "10", "--hidden", "32", "--intermediate", "64", "--layers", "2", "--heads", "2",
+            "--batch-size", "2", "--seq-len", "32", "--log-every", "5", "--checkpoint-every", "10",
+            "--eval-batches", "2", "--out", str(out), *TINY_TEXT, "--arms", "fp32+AdamW", "--sweep",
+            "--lr", "fp32+AdamW=1e-3", "--max-points", "6", "--no-plot"]
+    assert long_run.main(argv) == 0
+    sweep = json.loads((out / "long_run_sweep.json").read_text())["sweeps"]["fp32+AdamW"]
+    assert 5 <= len(sweep["points"]) <= 6
+    for lr, loss in sweep["points"].items():  # each point is the last logged loss of its own long run
+        log = [json.loads(x) for x in (long_run.sweep_dir(out, float(lr), 0) / "long_run" / "fp32+AdamW" /
+                                       "log.jsonl").read_text().splitlines()]
+        assert log[-1]["step"] == 10 and log[-1]["val_loss"] == loss
+    assert f"{sweep['best_lr']:.3g}" == min(sweep["points"].items(), key=lambda kv: kv[1])[0]
+    ckpts = {p: p.stat().st_mtime_ns for p in out.glob("long_run_sweep/*/long_run/*/checkpoints/*.pt")}
+    capsys.readouterr()
+    assert long_run.main(argv) == 0  # every point is on disk: nothing is retrained
+    assert {p: p.stat().st_mtime_ns for p in out.glob("long_run_sweep/*/long_run/*/checkpoints/*.pt")} == ckpts
+    assert json.loads((out / "long_run_sweep.json").read_text())["sweeps"]["fp32+AdamW"]["points"] == sweep["points"]
+    assert "--lr fp32+AdamW=" in capsys.readouterr().out
