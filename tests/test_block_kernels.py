@@ -10,13 +10,15 @@ in-process, compiled. The RHT bound, dispatch and bad-input checks run in the ma
 
 from __future__ import annotations
 
-import os
-import re
-import subprocess
-import sys
-
 import pytest
 import torch
+from triton_child import (
+    DEVICE,
+    INTERPRETED,
+    needs_kernels,
+    parent_only,
+    run_in_interpreter,
+)
 
 from lowprec import formats as F
 from lowprec.kernels import dispatch
@@ -29,11 +31,6 @@ from lowprec.kernels.nvfp4_quantize import (
     sign_bits,
 )
 from lowprec.rht import hadamard, random_signs, rht
-
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-ON_GPU = torch.cuda.is_available() and not INTERPRETED
-DEVICE = "cuda" if ON_GPU else "cpu"
-needs_kernels = pytest.mark.skipif(not (INTERPRETED or ON_GPU), reason="runs in the TRITON_INTERPRET=1 child or on CUDA")
 
 # (shape, dim): aligned, ragged last block, 3-D, blocks along dim 0 of a 2-D tensor (ragged too)
 LAYOUTS = [((4, 64), -1), ((3, 70), -1), ((2, 3, 32), -1), ((64, 6), 0), ((40, 5), 0)]
@@ -65,16 +62,9 @@ def _values(shape, seed: int, spread: float = 3.0) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(INTERPRETED, reason="this is the child")
+@parent_only
 def test_kernels_bit_exact_under_the_triton_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "LOWPREC_KERNELS": ""}
-    proc = subprocess.run([sys.executable, "-m", "pytest", __file__, "-o", "addopts=", "-q", "-x",
-                           "-p", "no:cacheprovider", "-W", "ignore::RuntimeWarning"],
-                          env=env, capture_output=True, text=True, timeout=600)
-    tail = (proc.stdout + proc.stderr)[-6000:]
-    assert proc.returncode == 0, tail
-    passed = re.search(r"(\d+) passed", proc.stdout)
-    assert passed and int(passed.group(1)) >= 19, tail  # the kernel cases really ran
+    run_in_interpreter(__file__, min_passed=19)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,13 +8,15 @@ in-process, compiled. Dispatch and bad-input checks run in the main process.
 
 from __future__ import annotations
 
-import os
-import re
-import subprocess
-import sys
-
 import pytest
 import torch
+from triton_child import (
+    DEVICE,
+    INTERPRETED,
+    needs_kernels,
+    parent_only,
+    run_in_interpreter,
+)
 
 from lowprec.kernels.fp8_amax_scale import (
     amax_scale_update,
@@ -22,11 +24,6 @@ from lowprec.kernels.fp8_amax_scale import (
     amax_scale_update_triton,
 )
 from lowprec.kernels.fp8_cast_transpose import cast_transpose, cast_transpose_reference, cast_transpose_triton
-
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-ON_GPU = torch.cuda.is_available() and not INTERPRETED
-DEVICE = "cuda" if ON_GPU else "cpu"
-needs_kernels = pytest.mark.skipif(not (INTERPRETED or ON_GPU), reason="runs in the TRITON_INTERPRET=1 child or on CUDA")
 
 SHAPES = [(1, 1), (1, 5), (5, 1), (7, 33), (33, 17), (64, 16), (40, 70), (0, 5)]
 
@@ -54,16 +51,9 @@ def _values(shape, spread: float, seed: int) -> torch.Tensor:
     return x
 
 
-@pytest.mark.skipif(INTERPRETED, reason="this is the child")
+@parent_only
 def test_kernels_bit_exact_under_the_triton_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "LOWPREC_KERNELS": ""}
-    proc = subprocess.run([sys.executable, "-m", "pytest", __file__, "-o", "addopts=", "-q", "-x",
-                           "-p", "no:cacheprovider", "-W", "ignore::RuntimeWarning"],
-                          env=env, capture_output=True, text=True, timeout=600)
-    tail = (proc.stdout + proc.stderr)[-6000:]
-    assert proc.returncode == 0, tail
-    passed = re.search(r"(\d+) passed", proc.stdout)
-    assert passed and int(passed.group(1)) >= 30, tail  # the kernel cases really ran
+    run_in_interpreter(__file__, min_passed=30)
 
 
 # ----------------------------------------------------------------------------------------------

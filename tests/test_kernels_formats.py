@@ -10,26 +10,22 @@ in-process on the GPU, compiled. Dispatch and bad-input checks run in the main p
 
 from __future__ import annotations
 
-import os
-import re
-import subprocess
-import sys
-
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from triton_child import (
+    DEVICE,
+    INTERPRETED,
+    needs_kernels,
+    parent_only,
+    run_in_interpreter,
+)
 
 from lowprec import formats as F
 from lowprec.kernels import dispatch
 from lowprec.kernels.codebook import codebook_dequantize, codebook_quantize
 from lowprec.kernels.fp8_cast import scaled_fp8_cast
-
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-ON_GPU = torch.cuda.is_available() and not INTERPRETED
-KERNELS_RUN_HERE = INTERPRETED or ON_GPU
-DEVICE = "cuda" if ON_GPU else "cpu"
-needs_kernels = pytest.mark.skipif(not KERNELS_RUN_HERE, reason="runs in the TRITON_INTERPRET=1 child or on CUDA")
 
 FP8_SHAPES = [(0,), (1,), (5,), (2049,), (3, 0), (0, 7), (4, 1), (7, 1030), (2, 3, 17)]
 CODEBOOK_CASES = [((0,), 4), ((1,), 1), ((6,), 3), ((3, 6), 2), ((2, 10), 5), ((5, 128), 64), ((2, 3, 40), 8),
@@ -63,16 +59,10 @@ def _special_values(n: int, scale_hint: float) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(INTERPRETED, reason="this is the child")
+@parent_only
 @pytest.mark.skipif(not dispatch.triton_available(), reason="triton is not installed (it is a Linux-only dependency)")
 def test_kernels_bit_exact_under_the_triton_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "LOWPREC_KERNELS": ""}
-    proc = subprocess.run([sys.executable, "-m", "pytest", __file__, "-o", "addopts=", "-q", "-x", "-p", "no:cacheprovider"],
-                          env=env, capture_output=True, text=True, timeout=600)
-    tail = (proc.stdout + proc.stderr)[-6000:]
-    assert proc.returncode == 0, tail
-    passed = re.search(r"(\d+) passed", proc.stdout)
-    assert passed and int(passed.group(1)) >= 60, tail  # the kernel cases really ran
+    run_in_interpreter(__file__, min_passed=60)
 
 
 # ----------------------------------------------------------------------------------------------
