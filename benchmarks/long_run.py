@@ -61,11 +61,16 @@ fewer bytes than the demo). The 8 FP8 and fp32 arms: about 2 to 2.5 hours on one
 side by side (``--arms`` split in two, each ``--threads 1``). 3000 x 4 x 128 = 1.5 M bytes, 2.5x
 the demo's 300 x 16 x 128, under one epoch of the 3.6 MB training text. ``--batch-size 8`` (5x
 the demo's bytes, nearer the batch the rates were tuned at) doubles the cost. The recipes' rates
-were swept at the demo's 300 x 16: a rate tuned there is not tuned for 3000 x 4, for any arm.
+were swept at the demo's 300 x 16: a rate tuned there is not tuned for 3000 x 4, for any arm, so
+``--sweep`` tunes each arm at this setting (:func:`lowprec.sweep.lr_sweep`, each point a long run
+of its own under ``<out>/long_run_sweep/lr<rate>/``, reused on a rerun) and prints the command
+that runs the arms at their tuned rates. An arm already on disk at another rate is refused, so
+copy the sweep's best point into ``<out>/long_run/`` or pass ``--fresh``.
 
     python benchmarks/long_run.py                                       # all 10 arms, priority order
     python benchmarks/long_run.py --arms fp32+AdamW,unit-fp8+AdamW4bit  # the two the issue asks first
     python benchmarks/long_run.py --lr fp32+AdamW=5e-4 --arms fp32+AdamW
+    python benchmarks/long_run.py --sweep --arms unit+AdamW --lr unit+AdamW=0.15   # tune here (centre 0.15)
     python benchmarks/long_run.py --steps 20 --hidden 32 --intermediate 64 --layers 2 --heads 2 \\
         --batch-size 2 --seq-len 32 --log-every 5 --checkpoint-every 10 --out /tmp/lr   # a smoke run
 """
