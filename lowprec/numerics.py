@@ -120,13 +120,9 @@ def _block_decode(x: torch.Tensor, fmt: FloatFormat, scaling: str) -> torch.Tens
 
 
 def _scale(x: torch.Tensor, fmt: FloatFormat, scaling: str) -> torch.Tensor:
-    """The scale each element of ``x`` (2-D, float32) is multiplied by, broadcastable to it.
-
-    For "mx" and "nvfp4": one per element, ``1 / d`` of its block (0 where the block's scale is 0,
-    NaN in a block holding NaN or Inf)."""
-    if scaling in BLOCK_SCALINGS:
-        d = _block_decode(x, fmt, scaling)
-        return torch.where(d == 0, 0.0, 1.0 / d)
+    """The scale each element of ``x`` (2-D, float32) is multiplied by, broadcastable to it, under
+    the per-tensor, per-row and 1x128 scalings (the block-scaled ones divide by
+    :func:`_block_decode` instead, see :func:`_scaled_abs`)."""
     if scaling == "none":
         return torch.ones((), dtype=torch.float32)
     if scaling == "current":

@@ -129,7 +129,7 @@ def test_mx_hand_built_block():
     x[0, :6] = torch.tensor([4000.0, -3680.0, 2.0**-7, -1.25 * 2.0**-7, 1.0, 100.0])
     s = numerics.tensor_stats(x, "e4m3", "mx")
     assert (s["saturated"], s["underflowed"]) == (1 / 32, 1 / 32)
-    assert torch.equal(numerics._scale(x, E4M3, "mx"), torch.full((1, 32), 2.0**-3))
+    assert torch.equal(numerics._block_decode(x, E4M3, "mx"), torch.full((1, 32), 2.0**3))
     xq = mx_quantize(x, "e4m3").dequantize()
     assert xq[0, :4].tolist() == [3584.0, -3584.0, 0.0, -(2.0**-6)]  # both large ones come back as 448 * 2**3
     assert (s["saturated"], s["underflowed"]) == _oracle(x, "mx")
@@ -148,8 +148,8 @@ def test_nvfp4_hand_built_blocks():
     x[0, 16:18] = torch.tensor([8.25 * 2.0**-9, -6.5 * 2.0**-9])
     s = numerics.tensor_stats(x, "e2m1", "nvfp4")
     assert (s["saturated"], s["underflowed"]) == (1 / 48, 2 / 48)
-    scale = numerics._scale(x, E2M1, "nvfp4")
-    assert scale[0, 0].item() == torch.tensor(1 / 448).item() and scale[0, 16].item() == 2.0**9
+    decode = numerics._block_decode(x, E2M1, "nvfp4")
+    assert decode[0, 0].item() == 448.0 and decode[0, 16].item() == 2.0**-9
     xq = nvfp4_quantize(x).dequantize()
     assert xq[0, 1:4].abs().tolist() == [0.0, 0.0, 224.0]  # 113 / 448 = 0.252 rounds up to 0.5
     assert xq[0, 16:18].tolist() == [6 * 2.0**-9, -6 * 2.0**-9]  # the clipped and the kept one: both 6
