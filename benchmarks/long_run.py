@@ -229,6 +229,15 @@ def _write_log(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     os.replace(tmp, path)
 
 
+def _replace_json(path: Path, payload: dict[str, Any]) -> Path:
+    """Write ``path`` whole or not at all: two invocations side by side never leave a half-written
+    file (each writes its own temporary file, then renames it into place)."""
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    os.replace(tmp, path)
+    return path
+
+
 def _config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed,
                        warmup_steps=args.warmup_steps, eval_every=args.steps, eval_batches=args.eval_batches)
@@ -428,10 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     payload = {"config": {**vars(args), "out": str(args.out), "arms": arms, "model": model_overrides},
                "machine": machine(), "data": corpus.source, "seconds": time.time() - t0, "table": table,
                "arms": results}
-    path = out / f"{NAME}.json"
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    os.replace(tmp, path)  # two invocations side by side never leave a half-written file
+    path = _replace_json(out / f"{NAME}.json", payload)
     print(f"wrote {path}")
     for png in [] if args.no_plot else plot(results, out):
         print(f"wrote {png}")
@@ -451,10 +457,7 @@ def write_sweep(results: dict[str, SweepResult], args: argparse.Namespace, secon
     earlier = json.loads(path.read_text()).get("sweeps", {}) if path.is_file() else {}
     sweeps = {**earlier, **{a: {**r.to_dict(), "config": {**vars(args), "out": str(out)}, "seconds": seconds}
                             for a, r in results.items()}}
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"sweeps": sweeps}, indent=2, default=str))
-    os.replace(tmp, path)
-    print(f"wrote {path}")
+    print(f"wrote {_replace_json(path, {'sweeps': sweeps})}")
     if not args.no_plot:
         png = plot_sweeps(results, out / "long_run_sweep.png",
                           f"long run, {args.steps} x {args.batch_size}: final val loss against lr")
