@@ -184,10 +184,13 @@ def main(argv: list[str] | None = None) -> int:
     nv_lr = tuned["nvfp4:AdamW"].best_lr
     base = fp32.mean
 
-    def vs_fp32(losses: dict[int, float]) -> str:
-        """Gap to tuned fp32 on the same seeds (a seed fixes init and batches, and the seeds' spread
-        is larger than the gaps: one seed is compared with fp32's run on that seed)."""
-        return f"{statistics.fmean(losses.values()) / statistics.fmean(fp32.seed_losses[s] for s in losses) - 1:+.2%}"
+    def summary(losses: dict[int, float]) -> dict[str, Any]:
+        """A table row's figures for runs on some seeds: their mean, each seed, and the gap to tuned
+        fp32 on the same seeds (a seed fixes init and batches, and the seeds' spread is larger than
+        the gaps: one seed is compared with fp32's run on that seed)."""
+        mean = statistics.fmean(losses.values())
+        return {"mean": round(mean, 4), "seeds": " / ".join(f"{x:.4f}" for x in losses.values()),
+                "vs tuned fp32": f"{mean / statistics.fmean(fp32.seed_losses[s] for s in losses) - 1:+.2%}"}
 
     log = point_log(log_path, args.steps, args.batch_size)
 
@@ -223,9 +226,7 @@ def main(argv: list[str] | None = None) -> int:
             rnd.update(at_nvfp4_rate(f"random plan {s}",
                                      {"cast.high_precision_plan": str(plans[f"random seed {s}"].resolve())}, (s,)))
         sel["random"] = rnd
-        srows = [{f"BF16 layers, budget {args.budget:g}": k, "mean": round(statistics.fmean(v.values()), 4),
-                  "seeds": " / ".join(f"{x:.4f}" for x in v.values()),
-                  "vs tuned fp32": vs_fp32(v)} for k, v in sel.items()]
+        srows = [{f"BF16 layers, budget {args.budget:g}": k, **summary(v)} for k, v in sel.items()]
         print("\nwhich layers stay in BF16 (nvfp4, all four techniques, same FLOP budget)")
         print(format_table(srows))
         for k in ("last blocks", "sensitivity"):
@@ -235,10 +236,9 @@ def main(argv: list[str] | None = None) -> int:
         abl = {"all four (last block in BF16)": {s: v for s, v in nv_full.items() if s in ablation_seeds}}
         for label, changes in ABLATIONS.items():
             abl[label] = at_nvfp4_rate(label, changes, ablation_seeds)
-        arows = [{"nvfp4 at lr " + f"{nv_lr:.3g}": k, "mean": round(statistics.fmean(v.values()), 4),
-                  "seeds": " / ".join(f"{x:.4f}" for x in v.values()),
-                  "vs all four": f"{statistics.fmean(v.values()) / statistics.fmean(nv_full[s] for s in v) - 1:+.2%}",
-                  "vs tuned fp32": vs_fp32(v)} for k, v in abl.items()]
+        arows = [{"nvfp4 at lr " + f"{nv_lr:.3g}": k, **summary(v),
+                  "vs all four": f"{statistics.fmean(v.values()) / statistics.fmean(nv_full[s] for s in v) - 1:+.2%}"}
+                 for k, v in abl.items()]
         print("\nablations (one technique removed at a time)")
         print(format_table(arows))
         payload["ablations"] = {k: v for k, v in abl.items()}
