@@ -15,7 +15,9 @@ holds them. This benchmark trains the demo Llama (4 layers, hidden 256, stdlib t
   ``recipes/unit.toml``: separates what the parametrisation costs from what FP8 costs.
 
 (``--lr ARM=VALUE`` overrides one.) Everything else (weight decay, betas, eps, schedule) is the
-arm's own recipe; every arm has the same seed, batches, warm-up and steps.
+arm's own recipe; every arm has the same seed, batches, warm-up and steps. ``--norm-lr-mult X``
+sets ``unit_scaling.norm_lr_mult`` on every unit arm (the norm gains' rate, X times u-muP's; see
+:mod:`lowprec.scaling.param_groups`), a second hyperparameter the unit arms were tuned over.
 
 Every ``--log-every`` (50) steps, and at step 0, one JSON line goes to ``<out>/long_run/<arm>/log.jsonl``:
 the validation loss, the training loss (that step's, and the mean since the last line), per
@@ -78,6 +80,7 @@ copy the sweep's best point into ``<out>/long_run/`` or pass ``--fresh``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -357,6 +360,19 @@ def sweep(arms: Sequence[str], centres: dict[str, float], args: argparse.Namespa
     return results
 
 
+def set_norm_lr_mult(value: float | None) -> None:
+    """``--norm-lr-mult``: every unit-scaled arm trains its norm gains at ``value`` times u-muP's
+    rate (recipe field ``unit_scaling.norm_lr_mult``; None keeps each recipe's own)."""
+    if value is None:
+        return
+    if not (0 < value < math.inf):
+        raise SystemExit(f"long_run: --norm-lr-mult must be a positive number, got {value!r}")
+    for name, arm in list(ARMS.items()):
+        if arm.build_recipe().unit_scaling.enabled:
+            over = tuple(o for o in arm.overrides if o[0] != "unit_scaling.norm_lr_mult")
+            ARMS[name] = dataclasses.replace(arm, overrides=over + (("unit_scaling.norm_lr_mult", value),))
+
+
 def _lr_overrides(items: Sequence[str]) -> dict[str, float]:
     out = {}
     for item in items:
@@ -384,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint-every", type=int, default=250)
     p.add_argument("--stop-after", type=int, default=None, help="stop every arm after this step, as if interrupted")
     p.add_argument("--fresh", action="store_true", help="discard the named arms' checkpoints and logs first")
+    p.add_argument("--norm-lr-mult", type=float, default=None,
+                   help="unit arms: norm gains at this times u-muP's rate (default: each recipe's unit_scaling.norm_lr_mult)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--hidden", type=int, default=None, help="model overrides for smoke runs (default: the demo Llama)")
@@ -414,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.warmup_steps is None:
         args.warmup_steps = resolve("fp32").optimizer.warmup_steps
     lr_over = _lr_overrides(args.lr)
+    set_norm_lr_mult(args.norm_lr_mult)
     torch.set_num_threads(args.threads)
     model_overrides = {k: v for k, v in (("hidden_size", args.hidden), ("intermediate_size", args.intermediate),
                                          ("num_hidden_layers", args.layers), ("num_attention_heads", args.heads),

@@ -196,7 +196,8 @@ def make_optimizer(model: nn.Module, recipe: Any | None, name: str | None = None
         except ImportError:
             param_groups = None
         if param_groups is not None:
-            params = param_groups(inner, lr, weight_decay=cfg.weight_decay)
+            params = param_groups(inner, lr, weight_decay=cfg.weight_decay,
+                                  norm_lr_mult=recipe.unit_scaling.norm_lr_mult)
     kwargs: dict[str, Any] = dict(lr=lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas), eps=cfg.eps)
     if name == "AdamW":
         return torch.optim.AdamW(params, **kwargs)

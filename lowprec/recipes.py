@@ -253,6 +253,9 @@ class UnitScalingConfig(_Schema, key="unit_scaling"):
     # LM head forward scale: "unit" = fan_in**-0.5 (Unit Scaling 2023: unit logits at init),
     # "mup" = 1/fan_in (u-muP 2024: small logits at init, base-rate learning rate for the head).
     readout: str = _field("unit", choices=("unit", "mup"))
+    # Multiplier on the norm gains' u-muP learning rate (lowprec.scaling.param_groups): 1 is u-muP's
+    # rule; long runs want less (benchmarks/long_run.py).
+    norm_lr_mult: float = _field(1.0, range=UMUP_MULTIPLIER_RANGE)
     # Under init = "keep": run a probe batch before and after conversion and refuse (restoring
     # the model) if the function changed beyond float32 rounding (lowprec.scaling.verify).
     verify: bool = _field(True)

@@ -187,7 +187,7 @@ def param_groups_for(model: nn.Module, recipe, lr: float | None = None) -> list[
     lr = opt.lr if lr is None else lr
     if recipe.unit_scaling.enabled:
         groups = require("lowprec.scaling", "param_groups", what=f"recipe {recipe.name!r} (u-muP learning rates)")
-        return list(groups(model, lr, weight_decay=opt.weight_decay))
+        return list(groups(model, lr, weight_decay=opt.weight_decay, norm_lr_mult=recipe.unit_scaling.norm_lr_mult))
     return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr, "weight_decay": opt.weight_decay}]
 
 

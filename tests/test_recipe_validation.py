@@ -69,6 +69,8 @@ BAD_VALUES = [
     ("unit_scaling", "residual_mult", "1e200", "in [1.52587890625e-05, 65536]"),
     ("unit_scaling", "residual_attn_ratio", "0.0", "in [1.52587890625e-05, 65536]"),
     ("unit_scaling", "residual_attn_ratio", "inf", "in [1.52587890625e-05, 65536]"),
+    ("unit_scaling", "norm_lr_mult", "0.0", "in [1.52587890625e-05, 65536]"),
+    ("unit_scaling", "norm_lr_mult", "nan", "in [1.52587890625e-05, 65536]"),
     ("optimizer", "fp32_state_patterns", '["embed_tokens", "norm("]', "regular expressions"),
     ("optimizer", "fp32_state_patterns", '[""]', "non-empty"),
     ("exclude", "patterns", '["model.layers.0.*", ""]', "non-empty fnmatch patterns"),

@@ -103,6 +103,34 @@ def test_unit_mode_llama_keeps_keys_names_and_tags_roles():
     assert all(g["lr"] * g["weight_decay"] == pytest.approx(0.1) for g in groups)
 
 
+def test_norm_lr_mult_scales_the_norm_gains_alone_and_comes_from_the_recipe():
+    from lowprec.recipes import resolve, with_overrides
+    from lowprec.runs import build_optimizer
+
+    model = lowprec.convert(demo_llama(seed=0, num_hidden_layers=2), "unit")
+    plain = {id(p): g for g in param_groups(model, 0.3, weight_decay=0.1) for p in g["params"]}
+    slow = {id(p): g for g in param_groups(model, 0.3, weight_decay=0.1, norm_lr_mult=1 / 16) for p in g["params"]}
+    roles = parameter_roles(model)
+    for name, info in roles.items():
+        k = id(info["param"])
+        want = plain[k]["lr"] / 16 if info["role"] == "norm" else plain[k]["lr"]
+        assert slow[k]["lr"] == pytest.approx(want), name
+        # decay stays lr * weight_decay per step whatever the parameter's own rate
+        assert slow[k]["lr"] * slow[k]["weight_decay"] == pytest.approx(0.3 * 0.1), name
+    assert {info["role"] for info in roles.values()} >= {"norm", "hidden"}
+    for bad in (0.0, -1.0, float("inf"), float("nan"), "2"):
+        with pytest.raises(ValueError, match="norm_lr_mult"):
+            param_groups(model, 0.3, norm_lr_mult=bad)
+    # the recipe field reaches the optimizer lowprec builds
+    recipe = with_overrides(resolve("unit"), {"unit_scaling.norm_lr_mult": 0.25})
+    opt = build_optimizer(model, recipe, lr=0.3)
+    by_param = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    norm = model.model.layers[0].input_layernorm.weight
+    assert by_param[id(norm)] == pytest.approx(plain[id(norm)]["lr"] / 4)
+    with pytest.raises(RecipeError, match="norm_lr_mult"):
+        with_overrides(resolve("unit"), {"unit_scaling.norm_lr_mult": 0.0})
+
+
 @pytest.mark.slow
 def test_training_step_on_unit_fp16_lowers_the_loss():
     from lowprec.data import stdlib_corpus

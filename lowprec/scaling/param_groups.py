@@ -10,8 +10,16 @@ hidden         ``lr * fan_in**-0.5 * depth**-0.5`` (depth: layers in the residua
 embedding      ``lr * hidden**-0.5`` (an embedding's fan-in is its width)
 readout        ``lr`` under the u-muP readout (forward ``1/fan_in``);
                ``lr * fan_in**-0.5`` under the unit readout (forward ``fan_in**-0.5``)
-norm, bias     ``lr * depth**-0.5`` (``lr`` outside the stack)
+norm           ``lr * depth**-0.5 * norm_lr_mult`` (``depth`` factor only inside the stack)
+bias           ``lr * depth**-0.5`` (``lr`` outside the stack)
 =============  ==========================================================
+
+``norm_lr_mult`` is an O(1) hyperparameter in the spirit of u-muP's per-group multipliers, not
+a width rule: u-muP gives norm gains the depth-scaled base rate (``norm_lr_mult = 1``), which
+moves a gain by ``lr / sqrt(depth)`` per Adam step, 7.5% at the demo Llama's best base rate, 300
+times the relative step fp32 AdamW gives the same gains. Over 3000 steps that costs the unit
+recipes 8% of final loss and caps the usable base rate (``benchmarks/long_run.py``, README);
+the recipes set it (``unit_scaling.norm_lr_mult``).
 
 ``lowprec.convert`` records the role of every parameter on the module that owns it
 (``lowprec_param_roles``, ``lowprec_depth``), so these rules need no names.
@@ -26,7 +34,7 @@ from torch import nn
 from lowprec.scaling.modules import UnitLinear, UnitOp
 
 
-def parameter_roles(model: nn.Module) -> dict[str, dict[str, Any]]:
+def parameter_roles(model: nn.Module, norm_lr_mult: float = 1.0) -> dict[str, dict[str, Any]]:
     """Qualified parameter name -> ``{"role", "fan_in", "depth", "lr_scale", "param"}``.
 
     Tied parameters appear once (under the first module that owns them). Parameters of modules
@@ -47,11 +55,12 @@ def parameter_roles(model: nn.Module) -> dict[str, dict[str, Any]]:
                     fan_in = m.in_features  # type: ignore[attr-defined]
                 elif role == "embedding":
                     fan_in = p.shape[1]
-            out[full] = dict(role=role, fan_in=fan_in, depth=depth, lr_scale=_lr_scale(m, role, fan_in, depth), param=p)
+            out[full] = dict(role=role, fan_in=fan_in, depth=depth, lr_scale=_lr_scale(m, role, fan_in, depth, norm_lr_mult),
+                             param=p)
     return out
 
 
-def _lr_scale(m: nn.Module, role: str, fan_in: int | None, depth: int | None) -> float:
+def _lr_scale(m: nn.Module, role: str, fan_in: int | None, depth: int | None, norm_lr_mult: float = 1.0) -> float:
     d = depth**-0.5 if depth else 1.0
     if role == "hidden":
         return fan_in**-0.5 * d  # type: ignore[operator]
@@ -60,26 +69,31 @@ def _lr_scale(m: nn.Module, role: str, fan_in: int | None, depth: int | None) ->
     if role == "readout":
         mup = isinstance(m, UnitLinear) and m.readout == "mup"
         return 1.0 if mup else fan_in**-0.5  # type: ignore[operator]
-    if role in ("norm", "bias"):
+    if role == "norm":
+        return d * norm_lr_mult
+    if role == "bias":
         return d
     return 1.0
 
 
-def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0, *, decay_norms_and_biases: bool = True,
-                 strict: bool = False) -> list[dict[str, Any]]:
+def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0, *, norm_lr_mult: float = 1.0,
+                 decay_norms_and_biases: bool = True, strict: bool = False) -> list[dict[str, Any]]:
     """AdamW parameter groups with u-muP per-parameter learning rates (see the module docstring).
 
     ``weight_decay`` keeps AdamW's meaning at the base rate: every parameter decays by
     ``lr * weight_decay`` per step (times the schedule), whatever its own learning rate, i.e.
     decay is independent of the per-parameter rate (u-muP). ``strict`` raises when a parameter
     has no role (its module was left alone by conversion); otherwise it gets the base rate.
+    ``norm_lr_mult`` multiplies the norm gains' rate (see the module docstring).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"param_groups expects a torch.nn.Module, got {type(model).__name__}")
     if not (isinstance(lr, (int, float)) and lr > 0):
         raise ValueError(f"param_groups: lr must be a positive number, got {lr!r}")
+    if not (isinstance(norm_lr_mult, (int, float)) and 0 < norm_lr_mult < float("inf")):
+        raise ValueError(f"param_groups: norm_lr_mult must be a positive finite number, got {norm_lr_mult!r}")
     groups: dict[tuple[float, float], dict[str, Any]] = {}
-    for name, info in parameter_roles(model).items():
+    for name, info in parameter_roles(model, norm_lr_mult).items():
         p = info["param"]
         if not p.requires_grad:
             continue
