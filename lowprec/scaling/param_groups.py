@@ -15,11 +15,11 @@ bias           ``lr * depth**-0.5`` (``lr`` outside the stack)
 =============  ==========================================================
 
 ``norm_lr_mult`` is an O(1) hyperparameter in the spirit of u-muP's per-group multipliers, not
-a width rule: u-muP gives norm gains the depth-scaled base rate (``norm_lr_mult = 1``), which
-moves a gain by ``lr / sqrt(depth)`` per Adam step, 7.5% at the demo Llama's best base rate, 300
-times the relative step fp32 AdamW gives the same gains. Over 3000 steps that costs the unit
-recipes 8% of final loss and caps the usable base rate (``benchmarks/long_run.py``, README);
-the recipes set it (``unit_scaling.norm_lr_mult``).
+a width rule. u-muP gives norm gains the depth-scaled base rate (``norm_lr_mult = 1``), which
+moves a gain by ``lr / sqrt(depth)`` per Adam step: 7.5% of a unit gain at the demo Llama's
+best base rate, 300 times the relative step that fp32 AdamW gives the same gains. Over 3000 steps
+that left ``unit-fp8`` 11.7% above tuned fp32 and capped the usable base rate; at 1/16 it ends
+below fp32 (``benchmarks/long_run.py``, README). Recipes set it as ``unit_scaling.norm_lr_mult``.
 
 ``lowprec.convert`` records the role of every parameter on the module that owns it
 (``lowprec_param_roles``, ``lowprec_depth``), so these rules need no names.
