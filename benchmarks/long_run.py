@@ -252,12 +252,13 @@ def common_setup(args: argparse.Namespace, corpus: Any, model_overrides: dict[st
             **{k: v for k, v in vars(_config(args)).items() if k != "eval_every"}}
 
 
-def collect(out: Path, common: dict[str, Any], ran: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def collect(out: Path, common: dict[str, Any], ran: dict[str, dict[str, Any]],
+            arms: dict[str, Arm] = ARMS) -> dict[str, dict[str, Any]]:
     """Every arm on disk under ``out`` with the same common setup, in :data:`ARMS` order: the arms
     this call ran (``ran``) and those earlier or parallel calls ran (read from their logs), so the
     table and plots compare all of them however the arms were split between invocations."""
     results: dict[str, dict[str, Any]] = {}
-    for name, arm in ARMS.items():
+    for name, arm in arms.items():
         if name in ran:
             results[name] = ran[name]
             continue
@@ -338,7 +339,7 @@ def sweep_dir(out: Path, lr: float, seed: int) -> Path:
 
 
 def sweep(arms: Sequence[str], centres: dict[str, float], args: argparse.Namespace, corpus: Any,
-          model_overrides: dict[str, Any]) -> dict[str, SweepResult]:
+          model_overrides: dict[str, Any], table: dict[str, Arm] = ARMS) -> dict[str, SweepResult]:
     """``--sweep``: each arm's learning rate tuned at this run's own setting (steps, batch), by the
     protocol every quality figure uses (:func:`lowprec.sweep.lr_sweep`: 5 rates by factors of 2
     around the centre, extended until the best is bracketed, then ``--seeds`` at the best). A rate
@@ -347,7 +348,7 @@ def sweep(arms: Sequence[str], centres: dict[str, float], args: argparse.Namespa
     seeds = tuple(int(s) for s in args.seeds.split(","))
     results = {}
     for name in arms:
-        arm = ARMS[name]
+        arm = table[name]
 
         def run(lr: float, seed: int, name: str = name, arm: Arm = arm) -> float:
             point = argparse.Namespace(**{**vars(args), "out": sweep_dir(args.out, lr, seed), "seed": seed})
@@ -360,17 +361,20 @@ def sweep(arms: Sequence[str], centres: dict[str, float], args: argparse.Namespa
     return results
 
 
-def set_norm_lr_mult(value: float | None) -> None:
-    """``--norm-lr-mult``: every unit-scaled arm trains its norm gains at ``value`` times u-muP's
-    rate (recipe field ``unit_scaling.norm_lr_mult``; None keeps each recipe's own)."""
+def arms_at_norm_lr_mult(value: float | None) -> dict[str, Arm]:
+    """:data:`ARMS`, each unit-scaled arm training its norm gains at ``value`` times u-muP's rate
+    (``--norm-lr-mult``, recipe field ``unit_scaling.norm_lr_mult``; None: each recipe's own)."""
     if value is None:
-        return
+        return dict(ARMS)
     if not (0 < value < math.inf):
         raise SystemExit(f"long_run: --norm-lr-mult must be a positive number, got {value!r}")
-    for name, arm in list(ARMS.items()):
-        if arm.build_recipe().unit_scaling.enabled:
-            over = tuple(o for o in arm.overrides if o[0] != "unit_scaling.norm_lr_mult")
-            ARMS[name] = dataclasses.replace(arm, overrides=over + (("unit_scaling.norm_lr_mult", value),))
+    out = {}
+    for name, arm in ARMS.items():
+        unit = resolve(arm.recipe).unit_scaling
+        if unit.enabled and unit.norm_lr_mult != value:  # an override only where it changes the recipe
+            arm = dataclasses.replace(arm, overrides=arm.overrides + (("unit_scaling.norm_lr_mult", value),))
+        out[name] = arm
+    return out
 
 
 def _lr_overrides(items: Sequence[str]) -> dict[str, float]:
@@ -432,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.warmup_steps is None:
         args.warmup_steps = resolve("fp32").optimizer.warmup_steps
     lr_over = _lr_overrides(args.lr)
-    set_norm_lr_mult(args.norm_lr_mult)
+    table = arms_at_norm_lr_mult(args.norm_lr_mult)
     torch.set_num_threads(args.threads)
     model_overrides = {k: v for k, v in (("hidden_size", args.hidden), ("intermediate_size", args.intermediate),
                                          ("num_hidden_layers", args.layers), ("num_attention_heads", args.heads),
@@ -441,17 +445,17 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     if args.sweep:
         centres = {n: lr_over.get(n, resolve(ARMS[n].lr_from).optimizer.lr) for n in arms}
-        return write_sweep(sweep(arms, centres, args, corpus, model_overrides), args, time.time() - t0)
+        return write_sweep(sweep(arms, centres, args, corpus, model_overrides, table), args, time.time() - t0)
     results: dict[str, dict[str, Any]] = {}
     for name in arms:
-        arm = ARMS[name]
+        arm = table[name]
         lr = lr_over.get(name, resolve(arm.lr_from).optimizer.lr)
         print(f"{name}: {arm.recipe}{dict(arm.overrides) or ''} + {arm.optimizer} at lr {lr:g}", flush=True)
         results[name] = {"recipe": arm.recipe, "overrides": dict(arm.overrides), "optimizer": arm.optimizer,
                          "lr": lr, "lr_from": arm.lr_from if name not in lr_over else "--lr",
                          **run_arm(name, arm, lr, args, corpus, model_overrides)}
     out = Path(args.out)
-    results = collect(out, common_setup(args, corpus, model_overrides), results)
+    results = collect(out, common_setup(args, corpus, model_overrides), results, table)
     table = final_table(results, args.steps)
     payload = {"config": {**vars(args), "out": str(args.out), "arms": arms, "model": model_overrides},
                "machine": machine(), "data": corpus.source, "seconds": time.time() - t0, "table": table,

@@ -56,6 +56,24 @@ def test_width_transfer_runs_writes_and_reruns_no_point(tmp_path, capsys):
     assert second["recipes"] == first["recipes"]
 
 
+def test_long_run_norm_lr_mult_reaches_the_unit_arms_only():
+    table = long_run.arms_at_norm_lr_mult(0.25)
+    assert table.keys() == long_run.ARMS.keys() and long_run.ARMS == long_run.arms_at_norm_lr_mult(None)
+    for name, arm in table.items():
+        recipe = arm.build_recipe()
+        if recipe.unit_scaling.enabled:
+            assert recipe.unit_scaling.norm_lr_mult == 0.25, name
+            assert ("unit_scaling.norm_lr_mult", 0.25) in arm.overrides, name
+        else:
+            assert arm == long_run.ARMS[name], name  # fp32 and fp8 have no norm-gain rule to change
+    # the value a recipe already carries is no override (a run's saved settings stay the same)
+    own = long_run.ARMS["unit-fp8+AdamW4bit"].build_recipe().unit_scaling.norm_lr_mult
+    assert long_run.arms_at_norm_lr_mult(own)["unit-fp8+AdamW4bit"] == long_run.ARMS["unit-fp8+AdamW4bit"]
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(SystemExit, match="norm-lr-mult"):
+            long_run.arms_at_norm_lr_mult(bad)
+
+
 def _long(out: Path, *extra: str) -> dict:
     argv = ["--steps", "20", "--hidden", "32", "--intermediate", "64", "--layers", "2", "--heads", "2",
             "--batch-size", "2", "--seq-len", "32", "--log-every", "5", "--checkpoint-every", "10",
