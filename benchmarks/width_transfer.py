@@ -59,7 +59,7 @@ import lowprec  # noqa: E402
 from lowprec import runs  # noqa: E402
 from lowprec.data import stdlib_corpus  # noqa: E402
 from lowprec.models import DEMO_LLAMA, DEMO_SEQ_LEN, demo_llama  # noqa: E402
-from lowprec.recipes import resolve  # noqa: E402
+from lowprec.recipes import resolve, with_overrides  # noqa: E402
 from lowprec.sweep import PointLog, SweepResult, log_grid, lr_sweep  # noqa: E402
 from lowprec.training import TrainConfig, train  # noqa: E402
 
@@ -94,6 +94,10 @@ def run_point(recipe_name: str, overrides: dict[str, int], lr: float, seed: int,
     """Final validation loss of one run: the model at ``overrides``, ``recipe_name`` (``fp32``: no
     conversion) with its optimizer at base rate ``lr``."""
     recipe = resolve(recipe_name)
+    if recipe.unit_scaling.enabled:
+        # u-muP's own rules, norm gains included, as the README's width figures were measured: the
+        # recipe's norm_lr_mult is an O(1) multiplier tuned at one width, not part of the transfer rule
+        recipe = with_overrides(recipe, {"unit_scaling.norm_lr_mult": 1.0})
     model = demo_llama(seed=seed, **overrides)
     if recipe.unit_scaling.enabled or recipe.cast.format != "none":
         model = lowprec.convert(model, recipe)
