@@ -436,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.warmup_steps is None:
         args.warmup_steps = resolve("fp32").optimizer.warmup_steps
     lr_over = _lr_overrides(args.lr)
-    table = arms_at_norm_lr_mult(args.norm_lr_mult)
+    arm_table = arms_at_norm_lr_mult(args.norm_lr_mult)
     torch.set_num_threads(args.threads)
     model_overrides = {k: v for k, v in (("hidden_size", args.hidden), ("intermediate_size", args.intermediate),
                                          ("num_hidden_layers", args.layers), ("num_attention_heads", args.heads),
@@ -445,17 +445,17 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     if args.sweep:
         centres = {n: lr_over.get(n, resolve(ARMS[n].lr_from).optimizer.lr) for n in arms}
-        return write_sweep(sweep(arms, centres, args, corpus, model_overrides, table), args, time.time() - t0)
+        return write_sweep(sweep(arms, centres, args, corpus, model_overrides, arm_table), args, time.time() - t0)
     results: dict[str, dict[str, Any]] = {}
     for name in arms:
-        arm = table[name]
+        arm = arm_table[name]
         lr = lr_over.get(name, resolve(arm.lr_from).optimizer.lr)
         print(f"{name}: {arm.recipe}{dict(arm.overrides) or ''} + {arm.optimizer} at lr {lr:g}", flush=True)
         results[name] = {"recipe": arm.recipe, "overrides": dict(arm.overrides), "optimizer": arm.optimizer,
                          "lr": lr, "lr_from": arm.lr_from if name not in lr_over else "--lr",
                          **run_arm(name, arm, lr, args, corpus, model_overrides)}
     out = Path(args.out)
-    results = collect(out, common_setup(args, corpus, model_overrides), results, table)
+    results = collect(out, common_setup(args, corpus, model_overrides), results, arm_table)
     table = final_table(results, args.steps)
     payload = {"config": {**vars(args), "out": str(args.out), "arms": arms, "model": model_overrides},
                "machine": machine(), "data": corpus.source, "seconds": time.time() - t0, "table": table,

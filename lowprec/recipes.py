@@ -254,7 +254,7 @@ class UnitScalingConfig(_Schema, key="unit_scaling"):
     # "mup" = 1/fan_in (u-muP 2024: small logits at init, base-rate learning rate for the head).
     readout: str = _field("unit", choices=("unit", "mup"))
     # Multiplier on the norm gains' u-muP learning rate (lowprec.scaling.param_groups): 1 is u-muP's
-    # rule; long runs want less (benchmarks/long_run.py).
+    # rule; the unit recipes use 1/16, swept at the demo and the long run (README).
     norm_lr_mult: float = _field(1.0, range=UMUP_MULTIPLIER_RANGE)
     # Under init = "keep": run a probe batch before and after conversion and refuse (restoring
     # the model) if the function changed beyond float32 rounding (lowprec.scaling.verify).
