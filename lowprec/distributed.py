@@ -180,7 +180,7 @@ def make_optimizer(model: nn.Module, recipe: Any | None, name: str | None = None
     """The optimizer a recipe asks for (``recipe.optimizer``), over ``model``'s (possibly sharded) parameters.
 
     ``name`` overrides ``recipe.optimizer.name`` (AdamW | AdamW8bit | AdamW4bit | AdamWFp8).
-    A unit-scaled model gets u-muP param groups (``lowprec.scaling.param_groups``) when available.
+    A unit-scaled model gets u-muP param groups (``lowprec.runs.param_groups_for``, as single-process runs).
     ``optimizer_kwargs`` go to a lowprec.optim optimizer (e.g. ``compile=False``).
     """
     from lowprec.recipes import OptimizerConfig
@@ -191,13 +191,9 @@ def make_optimizer(model: nn.Module, recipe: Any | None, name: str | None = None
     inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     params: Any = [p for p in inner.parameters() if p.requires_grad]
     if recipe is not None and recipe.unit_scaling.enabled:
-        try:
-            from lowprec.scaling import param_groups
-        except ImportError:
-            param_groups = None
-        if param_groups is not None:
-            params = param_groups(inner, lr, weight_decay=cfg.weight_decay,
-                                  norm_lr_mult=recipe.unit_scaling.norm_lr_mult)
+        from lowprec.runs import param_groups_for
+
+        params = param_groups_for(inner, recipe, lr)
     kwargs: dict[str, Any] = dict(lr=lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas), eps=cfg.eps)
     if name == "AdamW":
         return torch.optim.AdamW(params, **kwargs)
